@@ -398,7 +398,9 @@ def wait_running(host: FleetHost, deadline: float) -> None:
     """Wait until systemd in the host says running and SSH answers; else name it, with logs."""
     state = "stopped"
     while time.monotonic() < deadline:
-        if host_pid(host) is None:
+        # The pid file, not a /proc scan: right after Popen the child may not have exec'd.
+        pid = int(host.pid_file.read_text())
+        if process_state(pid) in ("Z", "?"):
             raise FleetError(f"{host.name} failed to boot:\n{tail(host.log_file)}")
         state = system_state(host)
         if state == "running" and ssh_ready(host):

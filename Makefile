@@ -1,0 +1,73 @@
+# The two commands a newcomer runs (README.md): `make demo` and `make test`.
+# Everything else here is what those two are made of.
+
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+HOSTS ?= 3
+INVENTORY := inventories/demo
+
+# What the controller needs from Debian: the fleet (systemd-nspawn, debootstrap, SSH),
+# nginx and systemd-analyze for the template checks, Chromium for the browser test.
+APT_PACKAGES := systemd-container debootstrap iproute2 openssh-client util-linux \
+	nginx curl ca-certificates chromium chromium-driver
+
+.PHONY: help apt-deps venv lint test test-unit test-fleet demo demo-down fleet-up fleet-status bench clean
+
+help:
+	@echo "make demo       local fleet of $(HOSTS) hosts, deployed with site.yml; prints the URLs"
+	@echo "make demo-down  remove the local fleet"
+	@echo "make test       lint, unit, template and fleet tests (installs what it needs)"
+	@echo "make lint       ruff, mypy --strict, yamllint, ansible-lint"
+
+apt-deps:
+	@missing=""; for p in $(APT_PACKAGES); do \
+		dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "ok installed" || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+		echo "apt: installing$$missing"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	fi
+
+$(BIN)/.installed: requirements/dev.txt requirements/app.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --disable-pip-version-check -r requirements/dev.txt
+	touch $@
+
+venv: $(BIN)/.installed
+
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/mypy --strict app
+	$(BIN)/yamllint --strict .
+	$(BIN)/ansible-lint
+
+test-unit: apt-deps venv
+	$(BIN)/pytest -m "not fleet"
+
+test-fleet: apt-deps venv
+	$(BIN)/pytest -m fleet
+
+# One pytest run, so its closing line counts every test; the fleet fixtures bring the
+# hosts up for the session and take them down at its end (also when a test fails).
+test: apt-deps venv lint
+	$(BIN)/pytest
+
+fleet-up: apt-deps venv
+	$(BIN)/python -m tests.fleetctl up --hosts $(HOSTS)
+
+fleet-status: venv
+	$(BIN)/python -m tests.fleetctl status
+
+demo: fleet-up
+	$(BIN)/ansible-playbook -i $(INVENTORY) site.yml
+	$(BIN)/python -m tests.demo
+
+demo-down: venv
+	$(BIN)/python -m tests.fleetctl down
+
+clean: demo-down
+	rm -rf $(VENV) .fleet build dist

@@ -1,0 +1,53 @@
+"""What the fleet tests share: running playbooks against the local fleet, reading recaps."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+from pathlib import Path
+
+__all__ = ["REPO", "ansible_playbook", "parse_recap"]
+
+REPO = Path(__file__).resolve().parents[2]
+INVENTORY = REPO / "inventories" / "demo"
+_RECAP = re.compile(r"^(?P<host>\S+)\s+:\s+(?P<counts>(?:\w+=\d+\s*)+)$")
+
+
+def ansible_playbook(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    """Run ansible-playbook from the repo root against the demo inventory.
+
+    Args:
+        args: playbook and options, e.g. ``"site.yml", "-e", "app_instances=4"``.
+        check: raise AssertionError, with the play's output, when it fails.
+    """
+    env = {**os.environ, "ANSIBLE_NOCOLOR": "1", "ANSIBLE_FORCE_COLOR": "0"}
+    result = subprocess.run(
+        [str(REPO / ".venv" / "bin" / "ansible-playbook"), "-i", str(INVENTORY), *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(
+            f"ansible-playbook {' '.join(args)} exited {result.returncode}:\n"
+            f"{result.stdout[-6000:]}\n{result.stderr[-3000:]}"
+        )
+    return result
+
+
+def parse_recap(stdout: str) -> dict[str, dict[str, int]]:
+    """The PLAY RECAP of a run: host -> {"ok": n, "changed": n, "failed": n, ...}."""
+    recap: dict[str, dict[str, int]] = {}
+    in_recap = False
+    for line in stdout.splitlines():
+        if line.startswith("PLAY RECAP"):
+            in_recap = True
+            continue
+        match = _RECAP.match(line.strip()) if in_recap else None
+        if match:
+            counts = (pair.split("=") for pair in match["counts"].split())
+            recap[match["host"]] = {key: int(value) for key, value in counts}
+    return recap
