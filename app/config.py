@@ -1,0 +1,135 @@
+"""Settings of one server process: command-line options, each defaulting to an env var.
+
+systemd starts every instance with ``EnvironmentFile=``, so each option is read from
+``APP_<NAME>`` when it is not given on the command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+__all__ = ["Settings", "build_parser", "parse_settings"]
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything a server process is configured with."""
+
+    host: str
+    port: int
+    handler: str
+    version: str
+    max_size: int
+    max_queue: int
+    open_timeout: float
+    close_timeout: float
+    ping_interval: float
+    ping_timeout: float
+    max_connections: int
+    allowed_origins: tuple[str, ...]
+    compression: str
+    drain_timeout: float
+    restart_file: str
+    trusted_proxies: tuple[Network, ...]
+    log_format: str
+    log_level: str
+
+
+# name, type, default, help. The env var is APP_<NAME>.
+_OPTIONS: list[tuple[str, type, object, str]] = [
+    ("host", str, "127.0.0.1", "address to bind (ignored with socket activation)"),
+    ("port", int, 8001, "port to bind; 0 picks a free one (ignored with socket activation)"),
+    ("handler", str, "app.handlers:echo", "the websockets handler, as module:callable"),
+    ("version", str, "dev", "release label reported by /healthz, /readyz and /metrics"),
+    ("max_size", int, 1048576, "largest message accepted, in bytes; past it: close 1009"),
+    ("max_queue", int, 16, "messages buffered per connection before reading pauses"),
+    ("open_timeout", float, 10.0, "seconds for a client to complete the opening handshake"),
+    ("close_timeout", float, 10.0, "seconds to wait for the closing handshake"),
+    ("ping_interval", float, 20.0, "seconds between keepalive pings"),
+    ("ping_timeout", float, 20.0, "seconds to wait for a pong before closing 1011"),
+    ("max_connections", int, 10000, "open connections per process; past it: HTTP 503"),
+    ("allowed_origins", str, "", "comma-separated Origin values allowed (empty: any); others 403"),
+    ("compression", str, "deflate", "permessage-deflate: 'deflate' or 'none' (less memory)"),
+    ("drain_timeout", float, 10.0, "seconds the graceful shutdown may take before exiting"),
+    ("restart_file", str, "", "if this file exists at SIGTERM, close with 1012 instead of 1001"),
+    ("trusted_proxies", str, "127.0.0.1,::1", "proxies whose X-Forwarded-For is believed"),
+    ("log_format", str, "kv", "log lines as 'kv' (key=value) or 'json'"),
+    ("log_level", str, "info", "debug, info, warning or error"),
+]
+_CHOICES = {
+    "compression": ("deflate", "none"),
+    "log_format": ("kv", "json"),
+    "log_level": ("debug", "info", "warning", "error"),
+}
+
+
+def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentParser:
+    """The argument parser, with defaults taken from ``environ`` (``os.environ``)."""
+    env = os.environ if environ is None else environ
+    parser = argparse.ArgumentParser(
+        prog="python -m app",
+        description="Serve a websockets handler, with health, metrics and graceful shutdown.",
+        epilog="Every option also reads its default from APP_<OPTION> (e.g. APP_PORT).",
+    )
+    for name, kind, default, text in _OPTIONS:
+        variable = f"APP_{name.upper()}"
+        # argparse converts a string default with `type`, so a bad APP_* value is
+        # reported like a bad option.
+        parser.add_argument(
+            f"--{name.replace('_', '-')}",
+            dest=name,
+            type=kind,
+            default=env.get(variable, default),
+            choices=_CHOICES.get(name),
+            help=f"{text} (env {variable}; default: %(default)s)",
+        )
+    return parser
+
+
+def _split(value: str) -> tuple[str, ...]:
+    return tuple(item.strip() for item in value.split(",") if item.strip())
+
+
+def parse_settings(
+    argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None
+) -> Settings:
+    """Parse the command line (and environment) into Settings; exits 2 on bad input."""
+    parser = build_parser(environ)
+    args = parser.parse_args(argv)
+    if not 0 <= args.port <= 65535:
+        parser.error(f"--port must be between 0 and 65535, got {args.port}")
+    for name in ("max_size", "max_queue", "max_connections"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    try:
+        proxies = tuple(ipaddress.ip_network(p, strict=False) for p in _split(args.trusted_proxies))
+    except ValueError as error:
+        parser.error(f"--trusted-proxies: {error}")
+    if ":" not in args.handler:
+        parser.error(f"--handler must be module:callable, got {args.handler!r}")
+    return Settings(
+        host=args.host,
+        port=args.port,
+        handler=args.handler,
+        version=args.version,
+        max_size=args.max_size,
+        max_queue=args.max_queue,
+        open_timeout=args.open_timeout,
+        close_timeout=args.close_timeout,
+        ping_interval=args.ping_interval,
+        ping_timeout=args.ping_timeout,
+        max_connections=args.max_connections,
+        allowed_origins=_split(args.allowed_origins),
+        compression=args.compression,
+        drain_timeout=args.drain_timeout,
+        restart_file=args.restart_file,
+        trusted_proxies=proxies,
+        log_format=args.log_format,
+        log_level=args.log_level,
+    )

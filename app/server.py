@@ -1,0 +1,284 @@
+"""The server process: the operator's handler behind health, metrics, limits and a drain.
+
+HTTP routes answered on the WebSocket port, before any handshake (``process_request``):
+
+- ``GET /healthz``: 200 while the process runs.
+- ``GET /readyz``: 200 while it accepts connections; 503 while draining or at capacity.
+- ``GET /metrics``: Prometheus text.
+- anything the handler's own ``process_request`` hook answers (see :mod:`app.handlers`).
+
+Every other request is a WebSocket handshake for the handler; without ``Upgrade`` it gets
+the library's own 426.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import json
+import logging
+import os
+import signal
+import socket
+from collections.abc import Awaitable, Callable
+from http import HTTPStatus
+from typing import Any
+
+from prometheus_client import CONTENT_TYPE_LATEST
+from websockets.asyncio.server import Server as WebSocketServer
+from websockets.asyncio.server import ServerConnection, serve
+from websockets.datastructures import Headers
+from websockets.frames import CloseCode
+from websockets.http11 import Request, Response
+from websockets.typing import Data
+
+from app import systemd
+from app.config import Network, Settings
+from app.metrics import Metrics
+
+__all__ = ["Handler", "HttpHook", "Server", "client_address", "http_response"]
+
+logger = logging.getLogger(__name__)
+
+Handler = Callable[[ServerConnection], Awaitable[None]]
+HttpHook = Callable[[ServerConnection, Request], Response | None]
+
+RUNNING = "running"
+DRAINING = "draining"
+
+
+def http_response(status: HTTPStatus, body: bytes, content_type: str) -> Response:
+    """A complete HTTP response to send instead of a handshake."""
+    headers = Headers(
+        [
+            ("Content-Type", content_type),
+            ("Content-Length", str(len(body))),
+            ("Cache-Control", "no-store"),
+            ("Connection", "close"),
+        ]
+    )
+    return Response(status.value, status.phrase, headers, body)
+
+
+def client_address(peer: str, forwarded_for: str | None, trusted: tuple[Network, ...]) -> str:
+    """The client's address: X-Forwarded-For is believed only from a trusted proxy.
+
+    The right-most address in the header that is not itself a trusted proxy is the
+    client; anything left of it could have been written by the client.
+    """
+    if not forwarded_for or not _is_trusted(peer, trusted):
+        return peer
+    for hop in reversed([h.strip() for h in forwarded_for.split(",") if h.strip()]):
+        if not _is_trusted(hop, trusted):
+            return hop
+    return peer
+
+
+def _is_trusted(address: str, trusted: tuple[Network, ...]) -> bool:
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return any(ip in network for network in trusted)
+
+
+class Server:
+    """One server process around ``handler``.
+
+    Args:
+        settings: the process's configuration.
+        handler: the operator's websockets handler; it may carry a ``process_request``
+            attribute (an :data:`HttpHook`) to answer plain HTTP requests itself.
+    """
+
+    def __init__(self, settings: Settings, handler: Handler) -> None:
+        self.settings = settings
+        self.handler = handler
+        self.http_hook: HttpHook | None = getattr(handler, "process_request", None)
+        self.state = RUNNING
+        self.port = settings.port
+        self.metrics = Metrics(settings.version, lambda: len(self._connections()))
+        self._server: WebSocketServer | None = None
+        self._stopping = asyncio.Event()
+        self._signals = 0
+
+    # --- state --------------------------------------------------------------------------
+
+    def _connections(self) -> set[ServerConnection]:
+        return self._server.connections if self._server else set()
+
+    def at_capacity(self) -> bool:
+        return len(self._connections()) >= self.settings.max_connections
+
+    def status(self) -> dict[str, Any]:
+        ready = self.state == RUNNING and not self.at_capacity()
+        return {
+            "status": "ok" if ready else "unavailable",
+            "state": self.state,
+            "pid": os.getpid(),
+            "port": self.port,
+            "connections": len(self._connections()),
+            "version": self.settings.version,
+        }
+
+    # --- HTTP before the handshake ------------------------------------------------------
+
+    def process_request(self, connection: ServerConnection, request: Request) -> Response | None:
+        path = request.path.split("?", 1)[0]
+        if path in ("/healthz", "/readyz"):
+            report = self.status()
+            ok = path == "/healthz" or report["status"] == "ok"
+            code = HTTPStatus.OK if ok else HTTPStatus.SERVICE_UNAVAILABLE
+            return http_response(code, json.dumps(report).encode() + b"\n", "application/json")
+        if path == "/metrics":
+            return http_response(HTTPStatus.OK, self.metrics.render(), CONTENT_TYPE_LATEST)
+        upgrade = request.headers.get("Upgrade", "").lower() == "websocket"
+        if not upgrade:
+            response = self.http_hook(connection, request) if self.http_hook else None
+            return response  # None: the library answers 426 Upgrade Required
+        refusal = self._refusal(request)
+        if refusal is not None:
+            status, reason = refusal
+            self.metrics.handshakes.labels("refused").inc()
+            self._log("handshake_refused", connection, request, status=status.value, reason=reason)
+            return http_response(status, f"{reason}\n".encode(), "text/plain; charset=utf-8")
+        return None
+
+    def _refusal(self, request: Request) -> tuple[HTTPStatus, str] | None:
+        if self.state != RUNNING:
+            return HTTPStatus.SERVICE_UNAVAILABLE, "draining"
+        if self.at_capacity():
+            return HTTPStatus.SERVICE_UNAVAILABLE, "at capacity"
+        origin = request.headers.get("Origin")
+        # A missing Origin is a non-browser client, which no browser policy protects.
+        allowed = self.settings.allowed_origins
+        if allowed and origin is not None and origin not in allowed:
+            return HTTPStatus.FORBIDDEN, "origin not allowed"
+        return None
+
+    def process_response(
+        self, connection: ServerConnection, request: Request, response: Response
+    ) -> None:
+        if response.status_code == HTTPStatus.SWITCHING_PROTOCOLS:
+            self.metrics.handshakes.labels("accepted").inc()
+
+    # --- connections --------------------------------------------------------------------
+
+    async def handle(self, connection: ServerConnection) -> None:
+        self._log("connection_open", connection, connection.request)
+        try:
+            await self.handler(connection)
+        finally:
+            await connection.wait_closed()
+            code = connection.close_code if connection.close_code is not None else 1006
+            self.metrics.closes.labels(str(code)).inc()
+            self._log("connection_closed", connection, connection.request, code=code)
+
+    def _log(
+        self, event: str, connection: ServerConnection, request: Request | None, **fields: Any
+    ) -> None:
+        peer = connection.remote_address[0] if connection.remote_address else "-"
+        forwarded = request.headers.get("X-Forwarded-For") if request else None
+        client = client_address(peer, forwarded, self.settings.trusted_proxies)
+        path = request.path if request else "-"
+        logger.info(event, extra={"fields": {"client": client, "path": path, **fields}})
+
+    # --- life cycle ---------------------------------------------------------------------
+
+    def connection_class(self) -> type[ServerConnection]:
+        """A connection class that counts messages and bytes both ways."""
+        metrics = self.metrics
+
+        class MeteredConnection(ServerConnection):
+            # broadcast() writes frames without send(): those are not counted here.
+            async def recv(self, decode: bool | None = None) -> Data:  # type: ignore[override]
+                message = await super().recv(decode)
+                metrics.count_message("in", message)
+                return message
+
+            async def send(self, message: Any, *, text: bool | None = None) -> None:
+                await super().send(message, text=text)
+                if isinstance(message, (str, bytes)):
+                    metrics.count_message("out", message)
+
+        return MeteredConnection
+
+    def on_signal(self, signum: int) -> None:
+        """First SIGTERM/SIGINT: drain. A second one: exit at once."""
+        self._signals += 1
+        if self._signals > 1:
+            logger.warning("second_signal", extra={"fields": {"signal": signum}})
+            os._exit(1)
+        self._stopping.set()
+
+    async def run(self, started: Callable[[Server], None] | None = None) -> int:
+        """Serve until a signal, then drain; returns the exit code."""
+        settings = self.settings
+        sock = systemd.activation_socket()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, self.on_signal, signum)
+        options: dict[str, Any] = {"sock": sock} if sock else {
+            "host": settings.host, "port": settings.port, "reuse_address": True,
+        }  # fmt: skip
+        async with serve(
+            self.handle,
+            process_request=self.process_request,
+            process_response=self.process_response,
+            compression=None if settings.compression == "none" else "deflate",
+            max_size=settings.max_size,
+            max_queue=settings.max_queue,
+            open_timeout=settings.open_timeout,
+            close_timeout=settings.close_timeout,
+            ping_interval=settings.ping_interval,
+            ping_timeout=settings.ping_timeout,
+            create_connection=self.connection_class(),
+            server_header=None,
+            **options,
+        ) as server:
+            self._server = server
+            self.port = _bound_port(server, sock)
+            logger.info(
+                "listening",
+                extra={"fields": {
+                    "port": self.port, "version": settings.version, "handler": settings.handler,
+                    "pid": os.getpid(), "socket_activated": sock is not None,
+                }},
+            )  # fmt: skip
+            if started:
+                started(self)
+            systemd.notify(f"READY=1\nSTATUS=serving on port {self.port}")
+            await self._stopping.wait()
+            await self.drain(server)
+        return 0
+
+    def restarting(self) -> bool:
+        """Whether the rollout marked this stop as a restart (a stat on a tmpfs: instant)."""
+        marker = self.settings.restart_file
+        return bool(marker) and os.path.exists(marker)
+
+    async def drain(self, server: WebSocketServer) -> None:
+        """Refuse new handshakes, close open connections, all within the drain timeout."""
+        self.state = DRAINING
+        systemd.notify("STOPPING=1\nSTATUS=draining")
+        restart = self.restarting()
+        code, reason = (
+            (CloseCode.SERVICE_RESTART, "service restart")
+            if restart
+            else (CloseCode.GOING_AWAY, "server shutdown")
+        )
+        logger.info(
+            "draining",
+            extra={"fields": {"connections": len(server.connections), "close_code": int(code)}},
+        )
+        server.close(close_connections=True, code=code, reason=reason)
+        try:
+            await asyncio.wait_for(server.wait_closed(), self.settings.drain_timeout)
+        except TimeoutError:
+            logger.warning("drain_timeout", extra={"fields": {"left": len(server.connections)}})
+        logger.info("stopped", extra={"fields": {"port": self.port}})
+
+
+def _bound_port(server: WebSocketServer, sock: socket.socket | None) -> int:
+    listening = sock or next(iter(server.sockets))
+    return int(listening.getsockname()[1])

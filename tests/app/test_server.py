@@ -1,0 +1,286 @@
+"""The server process, started for real and spoken to by real WebSocket and HTTP clients."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+from tests.app.conftest import REPO, AppProcess, attach, spawn
+
+StartApp = Callable[..., AppProcess]
+
+
+def http_get(url: str, headers: dict[str, str] | None = None) -> tuple[int, str]:
+    request = urllib.request.Request(url, headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=5) as response:  # noqa: S310
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read().decode()
+
+
+async def handshake_status(url: str, **kwargs: object) -> int:
+    """101 when the handshake succeeds, else the HTTP status of the refusal."""
+    try:
+        async with connect(url, open_timeout=5, **kwargs):  # type: ignore[arg-type]
+            return 101
+    except InvalidStatus as refusal:
+        return refusal.response.status_code
+
+
+def test_echo_text_and_binary_up_to_max_size(start_app: StartApp) -> None:
+    """Text comes back as text, binary as binary, including a message of exactly max size."""
+    app = start_app("--max-size", "65536")
+
+    async def exchange() -> None:
+        async with connect(app.url, max_size=None) as ws:
+            await ws.send("héllo")
+            assert await ws.recv() == "héllo"
+            await ws.send(b"\x00\x01\xff")
+            assert await ws.recv() == b"\x00\x01\xff"
+            await ws.send(b"x" * 65536)
+            assert await ws.recv() == b"x" * 65536
+
+    asyncio.run(exchange())
+
+
+def test_message_past_max_size_closes_1009(start_app: StartApp) -> None:
+    """One byte over the limit: the server closes with 1009 (message too big)."""
+    app = start_app("--max-size", "1024")
+
+    async def oversize() -> int | None:
+        async with connect(app.url) as ws:
+            await ws.send(b"x" * 1025)
+            await ws.wait_closed()
+            return ws.close_code
+
+    assert asyncio.run(oversize()) == 1009
+
+
+def test_health_ready_and_metrics(start_app: StartApp) -> None:
+    """/healthz and /readyz report the process in JSON; /metrics counts traffic."""
+    app = start_app("--version", "v42")
+    status, body = http_get(app.http + "/healthz")
+    assert status == 200
+    health = json.loads(body)
+    assert health["version"] == "v42"
+    assert health["state"] == "running"
+    assert health["port"] == app.port
+    assert health["pid"] == app.process.pid
+    assert http_get(app.http + "/readyz")[0] == 200
+
+    async def traffic() -> str:
+        async with connect(app.url) as ws:
+            await ws.send("12345")
+            await ws.recv()
+            return http_get(app.http + "/metrics")[1]
+
+    metrics = asyncio.run(traffic())
+    assert "wsapp_connections_open 1.0" in metrics
+    assert 'wsapp_handshakes_total{result="accepted"} 1.0' in metrics
+    assert 'wsapp_messages_total{direction="in"} 1.0' in metrics
+    assert 'wsapp_bytes_total{direction="out"} 5.0' in metrics
+    assert 'wsapp_info{version="v42"} 1.0' in metrics
+    after = http_get(app.http + "/metrics")[1]
+    assert 'wsapp_closes_total{code="1000"} 1.0' in after
+
+
+def test_sigterm_with_100_connections_drains_with_1001(start_app: StartApp) -> None:
+    """SIGTERM: every open client sees 1001, no new handshake, exit 0 within the drain timeout."""
+    app = start_app("--drain-timeout", "5")
+
+    async def scenario() -> tuple[list[int | None], int, float]:
+        clients = [await connect(app.url) for _ in range(100)]
+        assert json.loads(http_get(app.http + "/healthz")[1])["connections"] == 100
+        started = time.monotonic()
+        app.process.terminate()
+        codes = []
+        for ws in clients:
+            await ws.wait_closed()
+            codes.append(ws.close_code)
+        try:
+            refused = await handshake_status(app.url)
+        except OSError:
+            refused = 0  # nothing listens any more: refused too
+        await asyncio.to_thread(app.process.wait, 10)
+        return codes, refused, time.monotonic() - started
+
+    codes, after_signal, elapsed = asyncio.run(scenario())
+    assert codes == [1001] * 100
+    assert after_signal in (0, 503)
+    assert app.process.returncode == 0
+    assert elapsed < 5
+    app.wait_for_line("event=draining connections=100 close_code=1001")
+
+
+def test_restart_file_turns_the_close_code_into_1012(start_app: StartApp) -> None:
+    """With the rollout's restart file present, clients are told 1012 (service restart)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        marker = Path(tmp) / "restarting"
+        app = start_app("--restart-file", str(marker))
+
+        async def scenario() -> int | None:
+            async with connect(app.url) as ws:
+                marker.touch()
+                app.process.terminate()
+                await ws.wait_closed()
+                return ws.close_code
+
+        assert asyncio.run(scenario()) == 1012
+        assert app.process.wait(10) == 0
+
+
+def test_origin_not_allowed_is_refused_403(start_app: StartApp) -> None:
+    """Only the configured origins may open a connection; others get 403."""
+    app = start_app("--allowed-origins", "https://good.example,https://also.example")
+    good = asyncio.run(handshake_status(app.url, origin="https://good.example"))
+    bad = asyncio.run(handshake_status(app.url, origin="https://evil.example"))
+    assert (good, bad) == (101, 403)
+    assert 'wsapp_handshakes_total{result="refused"} 1.0' in http_get(app.http + "/metrics")[1]
+
+
+def test_capacity_refuses_with_503_and_readyz_says_so(start_app: StartApp) -> None:
+    """Past --max-connections a handshake gets 503 and /readyz turns 503."""
+    app = start_app("--max-connections", "2")
+
+    async def scenario() -> tuple[int, int]:
+        async with connect(app.url), connect(app.url):
+            return await handshake_status(app.url), http_get(app.http + "/readyz")[0]
+
+    assert asyncio.run(scenario()) == (503, 503)
+    assert http_get(app.http + "/readyz")[0] == 200
+
+
+def test_socket_activation_and_ready_notification() -> None:
+    """A socket handed over as fd 3 (LISTEN_FDS) is served; READY=1 reaches NOTIFY_SOCKET."""
+    with tempfile.TemporaryDirectory() as tmp:
+        notify_path = os.path.join(tmp, "notify")
+        notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        notify.bind(notify_path)
+        notify.settimeout(10)
+        listener = socket.create_server(("127.0.0.1", 0))
+        port = listener.getsockname()[1]
+        # What systemd does: the socket as fd 3, LISTEN_PID naming the process it execs.
+        launcher = (
+            "import os, sys; os.dup2(int(sys.argv[1]), 3);"
+            "os.environ.update(LISTEN_PID=str(os.getpid()), LISTEN_FDS='1');"
+            "os.execv(sys.executable, [sys.executable, '-m', 'app', '--port', '1'])"
+        )
+        process = subprocess.Popen(
+            [sys.executable, "-c", launcher, str(listener.fileno())],
+            cwd=REPO, env={**os.environ, "NOTIFY_SOCKET": notify_path},
+            pass_fds=(listener.fileno(),), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            text=True,
+        )  # fmt: skip
+        try:
+            app = attach(process)
+            assert app.port == port
+            message = notify.recv(1024).decode()
+            assert "READY=1" in message.splitlines()
+
+            async def echo() -> str | bytes:
+                async with connect(f"ws://127.0.0.1:{port}") as ws:
+                    await ws.send("activated")
+                    return await ws.recv()
+
+            assert asyncio.run(echo()) == "activated"
+            assert app.stop() == 0
+            assert "STOPPING=1" in notify.recv(1024).decode().splitlines()
+        finally:
+            process.kill()
+            process.wait(10)
+            listener.close()
+            notify.close()
+
+
+def test_chat_page_and_broadcast_within_a_room(start_app: StartApp) -> None:
+    """GET / serves the chat page; a message reaches both clients of its room, not others."""
+    app = start_app("--handler", "app.handlers:chat")
+    status, page = http_get(app.http + "/?room=blue")
+    assert status == 200
+    assert 'id="message"' in page and 'location.protocol === "https:"' in page
+    assert '"blue"' in page
+
+    async def scenario() -> tuple[str | bytes, str | bytes, bool]:
+        async with (
+            connect(app.url + "/ws/blue") as alice,
+            connect(app.url + "/ws/blue") as bob,
+            connect(app.url + "/ws/red") as carol,
+        ):
+            await alice.send("hi bob")
+            to_bob = await asyncio.wait_for(bob.recv(), 5)
+            to_alice = await asyncio.wait_for(alice.recv(), 5)
+            try:
+                await asyncio.wait_for(carol.recv(), 0.3)
+                carol_heard = True
+            except TimeoutError:
+                carol_heard = False
+            return to_bob, to_alice, carol_heard
+
+    assert asyncio.run(scenario()) == ("hi bob", "hi bob", False)
+
+
+def test_plain_get_on_the_websocket_path_gets_426(start_app: StartApp) -> None:
+    """A browser-style GET without Upgrade gets 426 Upgrade Required, not a crash."""
+    app = start_app()
+    assert http_get(app.http + "/")[0] == 426
+
+
+def test_malformed_http_is_answered_and_the_server_keeps_serving(start_app: StartApp) -> None:
+    """Garbage instead of HTTP gets a 400 or a closed socket; the next client is served."""
+    app = start_app()
+    with socket.create_connection(("127.0.0.1", app.port), timeout=5) as raw:
+        raw.sendall(b"NOT HTTP AT ALL\r\n\x00\xff\r\n\r\n")
+        answer = raw.recv(1024)
+    assert answer == b"" or answer.startswith(b"HTTP/1.1 400")
+    assert asyncio.run(handshake_status(app.url)) == 101
+
+
+def test_invalid_utf8_in_a_text_frame_closes_1007(start_app: StartApp) -> None:
+    """A text frame that is not UTF-8 is closed with 1007; the server keeps serving."""
+    app = start_app()
+
+    async def scenario() -> int | None:
+        async with connect(app.url) as ws:
+            await ws.send(b"\xff\xfe\xfd", text=True)
+            with pytest.raises(ConnectionClosed):
+                await asyncio.wait_for(ws.recv(), 5)
+            return ws.close_code
+
+    assert asyncio.run(scenario()) == 1007
+    assert asyncio.run(handshake_status(app.url)) == 101
+
+
+def test_unknown_handler_exits_2_naming_it_and_listens_nowhere() -> None:
+    """An unknown handler is named on stderr, exit code 2, and the port stays closed."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    process = spawn("--port", str(port), "--handler", "nosuch.module:handler")
+    output, _ = process.communicate(timeout=30)
+    assert process.returncode == 2
+    assert "cannot load handler 'nosuch.module:handler'" in output
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
+
+
+def test_bad_environment_value_is_named() -> None:
+    """A malformed APP_* value fails like a bad option: exit 2, the option named."""
+    process = spawn(env={"APP_PORT": "eighty"})
+    output, _ = process.communicate(timeout=30)
+    assert process.returncode == 2
+    assert "--port" in output and "eighty" in output

@@ -1,0 +1,31 @@
+"""Pure logic of the app: settings from the environment, the client address behind proxies."""
+
+from __future__ import annotations
+
+import ipaddress
+
+from app.config import parse_settings
+from app.server import client_address
+
+TRUSTED = (ipaddress.ip_network("127.0.0.1/32"), ipaddress.ip_network("10.0.0.0/8"))
+
+
+def test_environment_supplies_defaults_and_options_override_it() -> None:
+    """APP_* variables set the defaults; a command-line option wins over them."""
+    env = {"APP_PORT": "9001", "APP_ALLOWED_ORIGINS": "https://a, https://b", "APP_MAX_SIZE": "5"}
+    settings = parse_settings(["--max-size", "7"], environ=env)
+    assert settings.port == 9001
+    assert settings.allowed_origins == ("https://a", "https://b")
+    assert settings.max_size == 7
+
+
+def test_forwarded_for_is_believed_only_from_a_trusted_proxy() -> None:
+    """X-Forwarded-For from an untrusted peer is ignored; from a proxy, its client is used."""
+    assert client_address("203.0.113.9", "198.51.100.1", TRUSTED) == "203.0.113.9"
+    assert client_address("127.0.0.1", "198.51.100.1", TRUSTED) == "198.51.100.1"
+
+
+def test_forwarded_for_takes_the_rightmost_untrusted_hop() -> None:
+    """A client cannot spoof its address by prepending to X-Forwarded-For."""
+    header = "1.2.3.4, 198.51.100.1, 10.0.0.5"
+    assert client_address("127.0.0.1", header, TRUSTED) == "198.51.100.1"
