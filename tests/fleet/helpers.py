@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
 from pathlib import Path
 
-__all__ = ["REPO", "ansible_playbook", "parse_recap"]
+__all__ = ["REPO", "ansible_playbook", "inventory_var", "parse_recap"]
 
 REPO = Path(__file__).resolve().parents[2]
 INVENTORY = REPO / "inventories" / "demo"
@@ -51,3 +52,14 @@ def parse_recap(stdout: str) -> dict[str, dict[str, int]]:
             counts = (pair.split("=") for pair in match["counts"].split())
             recap[match["host"]] = {key: int(value) for key, value in counts}
     return recap
+
+
+def inventory_var(name: str, host: str = "all") -> str:
+    """A variable of the demo inventory as Ansible renders it (for the first host matched)."""
+    result = subprocess.run(
+        [str(REPO / ".venv" / "bin" / "ansible"), "-i", str(INVENTORY), host, "-m",
+         "ansible.builtin.debug", "-a", f"var={name}", "-o", "--limit", "all[0]"],
+        cwd=REPO, capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    payload = result.stdout.split("=>", 1)[1]
+    return str(json.loads(payload)[name])
