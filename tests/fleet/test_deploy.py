@@ -1,0 +1,176 @@
+"""site.yml on the local fleet: a real deploy, checked from outside and on the hosts."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import ssl
+import subprocess
+
+import pytest
+from websockets.asyncio.client import connect
+
+from tests import fleetctl
+from tests.demo import ca_file, round_trip
+from tests.fleet.helpers import ansible_playbook, parse_recap
+
+Fleet = fleetctl.Fleet
+
+
+def on_host(host: fleetctl.FleetHost, command: str) -> str:
+    result = host.ssh(command)
+    assert result.returncode == 0, f"{host.name}: {command}: {result.stderr}"
+    return result.stdout
+
+
+def active_instances(host: fleetctl.FleetHost) -> list[int]:
+    out = on_host(host, "systemctl list-units --plain --no-legend --state=active 'wsapp@*.service'")
+    return sorted(int(p) for p in re.findall(r"wsapp@(\d+)\.service", out))
+
+
+def upstream_ports(host: fleetctl.FleetHost) -> list[int]:
+    site = on_host(host, "cat /etc/nginx/sites-enabled/wsfleet.conf")
+    upstream = site.split("upstream wsfleet_app {", 1)[1].split("}", 1)[0]
+    return sorted(int(p) for p in re.findall(r"server 127\.0\.0\.1:(\d+)", upstream))
+
+
+def test_fresh_deploy_succeeds_on_every_host(
+    fleet: Fleet, deployed: subprocess.CompletedProcess[str]
+) -> None:
+    """The first run of site.yml converges every app server without a failure."""
+    recap = parse_recap(deployed.stdout)
+    assert set(recap) == {h.name for h in fleet.app_servers}
+    assert all(counts["failed"] == 0 and counts["unreachable"] == 0 for counts in recap.values())
+
+
+def test_second_run_changes_nothing(
+    fleet: Fleet, deployed: subprocess.CompletedProcess[str]
+) -> None:
+    """Run again with the same variables: changed=0 on every host."""
+    recap = parse_recap(ansible_playbook("site.yml").stdout)
+    assert {name: counts["changed"] for name, counts in recap.items()} == {
+        h.name: 0 for h in fleet.app_servers
+    }
+
+
+@pytest.mark.parametrize("index", [0, 1, 2])
+def test_wss_round_trip_verified_against_the_ca(fleet: Fleet, deployed: object, index: int) -> None:
+    """From outside, wss:// to each host verifies against the demo CA and echoes."""
+    host = fleet.app_servers[index]
+    reply = asyncio.run(round_trip(host.address, ca_file(), f"ping {host.name}"))
+    assert reply == f"ping {host.name}"
+
+
+def test_tls_is_refused_without_the_ca(fleet: Fleet, deployed: object) -> None:
+    """A client that does not trust the demo CA fails verification: the TLS is real."""
+    address = fleet.app_servers[0].address
+
+    async def attempt() -> None:
+        async with connect(f"wss://{address}/ws/x", ssl=ssl.create_default_context()):
+            pass
+
+    with pytest.raises(ssl.SSLCertVerificationError):
+        asyncio.run(attempt())
+
+
+def test_every_instance_serves(fleet: Fleet, deployed: object) -> None:
+    """Connections through nginx spread over all instances: each one's /metrics counts them."""
+    context = ssl.create_default_context(cafile=str(ca_file()))
+
+    async def open_many(address: str) -> None:
+        clients = [await connect(f"wss://{address}/ws/spread", ssl=context) for _ in range(8)]
+        for ws in clients:
+            await ws.close()
+
+    for host in fleet.app_servers:
+        asyncio.run(open_many(host.address))
+        for port in active_instances(host):
+            metrics = on_host(host, f"curl -sf http://127.0.0.1:9180/metrics/{port}")
+            accepted = re.search(r'wsapp_handshakes_total\{result="accepted"\} (\d+)', metrics)
+            assert accepted, f"{host.name}:{port} has accepted no handshake"
+            assert float(accepted[1]) >= 1
+
+
+def test_check_diff_shows_a_change_and_changes_nothing(fleet: Fleet, deployed: object) -> None:
+    """A changed variable under --check --diff is shown as a diff and not applied."""
+    host = fleet.app_servers[0]
+    before = on_host(host, "cat /etc/wsapp/wsapp.env")
+    result = ansible_playbook("site.yml", "--check", "--diff", "-e", "app_max_size=2097152")
+    assert "-APP_MAX_SIZE=1048576" in result.stdout
+    assert "+APP_MAX_SIZE=2097152" in result.stdout
+    assert on_host(host, "cat /etc/wsapp/wsapp.env") == before
+
+
+def test_scaling_instances_up_and_back_down(fleet: Fleet, deployed: object) -> None:
+    """app_instances 2 → 4 → 2: exactly those units run and nginx's upstream matches."""
+    for count in (2, 4, 2):
+        ansible_playbook("site.yml", "-e", f"app_instances={count}")
+        wanted = list(range(8001, 8001 + count))
+        for host in fleet.app_servers:
+            assert active_instances(host) == wanted, host.name
+            assert upstream_ports(host) == wanted, host.name
+    listed = on_host(
+        fleet.app_servers[0], "systemctl list-units --all --plain --no-legend 'wsapp@*'"
+    )
+    assert "wsapp@8003" not in listed
+
+
+@pytest.mark.parametrize(
+    ("extra", "named"),
+    [
+        ("app_instances=0", "app_instances"),
+        ("app_base_port=70000", "app_base_port"),
+        ("app_handler=nosuch.module:handler", "app_handler"),
+        ("app_compression=brotli", "app_compression"),
+    ],
+)
+def test_bad_variables_fail_before_any_change(
+    fleet: Fleet, deployed: object, extra: str, named: str
+) -> None:
+    """A bad variable stops the play at its start, naming the variable; no host changes."""
+    result = ansible_playbook("site.yml", "-e", extra, check=False)
+    assert result.returncode != 0
+    assert named in result.stdout
+    recap = parse_recap(result.stdout)
+    assert all(counts["changed"] == 0 for counts in recap.values()), recap
+
+
+def test_certificate_not_matching_its_key_fails_first(
+    fleet: Fleet, deployed: object, tmp_path: object
+) -> None:
+    """tls_cert_file with another key's tls_key_file fails before any change, naming both."""
+    from pathlib import Path
+
+    folder = Path(str(tmp_path))
+    for name in ("one", "two"):
+        subprocess.run(
+            ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+             "-nodes", "-subj", f"/CN={name}", "-days", "1",
+             "-keyout", str(folder / f"{name}.key"), "-out", str(folder / f"{name}.crt")],
+            check=True, capture_output=True,
+        )  # fmt: skip
+    result = ansible_playbook(
+        "site.yml", "-e", f"tls_cert_file={folder / 'one.crt'}",
+        "-e", f"tls_key_file={folder / 'two.key'}", check=False,
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert "does not match tls_key_file" in result.stdout
+    assert all(c["changed"] == 0 for c in parse_recap(result.stdout).values())
+
+
+def test_config_nginx_rejects_leaves_the_old_one_serving(fleet: Fleet, deployed: object) -> None:
+    """A variable nginx rejects fails the play; the live config and service are untouched."""
+    host = fleet.app_servers[0]
+    before = on_host(
+        host, "sha256sum /etc/nginx/sites-available/wsfleet.conf /etc/nginx/nginx.conf"
+    )
+    result = ansible_playbook("site.yml", "-e", "nginx_limit_req_rate=lots", check=False)
+    assert result.returncode != 0
+    assert "invalid rate" in result.stdout
+    assert (
+        on_host(host, "sha256sum /etc/nginx/sites-available/wsfleet.conf /etc/nginx/nginx.conf")
+        == before
+    )
+    assert on_host(host, "systemctl is-active nginx").strip() == "active"
+    reply = asyncio.run(round_trip(host.address, ca_file(), "still serving"))
+    assert reply == "still serving"

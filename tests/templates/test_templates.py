@@ -1,0 +1,174 @@
+"""The templates of templates/, rendered with jinja2 and Ansible's filters, checked by the
+programs that read them on a host: `nginx -t` and `systemd-analyze` (no hosts needed)."""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import jinja2
+import pytest
+import yaml
+from ansible.plugins.filter.core import FilterModule
+
+REPO = Path(__file__).resolve().parents[2]
+TEMPLATES = REPO / "templates"
+
+
+def role_vars(*roles: str, **overrides: Any) -> dict[str, Any]:
+    """Defaults and vars of the roles, as a play would see them (facts left out)."""
+    found: dict[str, Any] = {"ansible_managed": "Ansible managed"}
+    for role in roles:
+        for part in ("defaults", "vars"):
+            path = REPO / "roles" / role / part / "main.yml"
+            if path.is_file():
+                found.update(yaml.safe_load(path.read_text()) or {})
+    found.update(overrides)
+    return found
+
+
+def render(template: str, variables: dict[str, Any]) -> str:
+    env = jinja2.Environment(  # noqa: S701 (config files, not HTML)
+        undefined=jinja2.StrictUndefined, keep_trailing_newline=True, trim_blocks=True
+    )
+    env.filters.update(FilterModule().filters())
+    # Values that are themselves templates (e.g. app_limit_nofile) are rendered first.
+    resolved = dict(variables)
+    for name, value in variables.items():
+        if isinstance(value, str) and "{{" in value:
+            # Facts, lookups and role_path are left out: the templates do not use them.
+            with contextlib.suppress(jinja2.UndefinedError):
+                resolved[name] = env.from_string(value).render(variables)
+    return env.from_string((TEMPLATES / template).read_text()).render(resolved)
+
+
+@pytest.fixture
+def nginx_prefix(tmp_path: Path) -> Path:
+    """A copy of the machine's /etc/nginx (mime.types, modules) and a self-signed cert."""
+    prefix = tmp_path / "nginx"
+    shutil.copytree("/etc/nginx", prefix, symlinks=True)
+    for site in (prefix / "sites-enabled").iterdir():
+        site.unlink()
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+         "-nodes", "-subj", "/CN=test", "-days", "1",
+         "-keyout", str(prefix / "test.key"), "-out", str(prefix / "test.crt")],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    return prefix
+
+
+def nginx_check(prefix: Path, **overrides: Any) -> subprocess.CompletedProcess[str]:
+    variables = role_vars(
+        "nginx",
+        nginx_upstream_ports=[8001, 8002],
+        nginx_tls_certificate=str(prefix / "test.crt"),
+        nginx_tls_certificate_key=str(prefix / "test.key"),
+        **overrides,
+    )
+    (prefix / "nginx.conf").write_text(render("etc/nginx/nginx.conf.j2", variables))
+    site = render("etc/nginx/sites-available/wsfleet.conf.j2", variables)
+    (prefix / "sites-enabled" / "wsfleet.conf").write_text(site)
+    return subprocess.run(
+        ["nginx", "-t", "-c", str(prefix / "nginx.conf")],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("profile", ["intermediate", "modern"])
+def test_nginx_accepts_the_rendered_configuration(nginx_prefix: Path, profile: str) -> None:
+    """nginx -t passes on nginx.conf and the site, for each TLS profile."""
+    result = nginx_check(nginx_prefix, nginx_tls_profile=profile)
+    assert result.returncode == 0, result.stderr
+    assert "syntax is ok" in result.stderr
+
+
+def test_nginx_rejects_a_bad_rate(nginx_prefix: Path) -> None:
+    """The check is real: a rate nginx cannot read fails nginx -t."""
+    result = nginx_check(nginx_prefix, nginx_limit_req_rate="lots")
+    assert result.returncode != 0
+    assert "invalid rate" in result.stderr
+
+
+def test_site_proxies_websockets_with_upgrade_headers(nginx_prefix: Path) -> None:
+    """The site speaks HTTP/1.1 upstream with Upgrade/Connection, over every instance."""
+    variables = role_vars("nginx", nginx_upstream_ports=[8001, 8002, 8003])
+    site = render("etc/nginx/sites-available/wsfleet.conf.j2", variables)
+    assert "proxy_http_version 1.1;" in site
+    assert "proxy_set_header Upgrade $http_upgrade;" in site
+    assert "proxy_set_header Connection $connection_upgrade;" in site
+    assert re.findall(r"server 127\.0\.0\.1:(\d+)", site) == ["8001", "8002", "8003"]
+    main = render("etc/nginx/nginx.conf.j2", variables)
+    assert "ssl_protocols TLSv1.2 TLSv1.3;" in main
+    assert "server_tokens off;" in main
+
+
+@pytest.fixture
+def unit_root(tmp_path: Path) -> Path:
+    """A root for systemd-analyze: the machine's units, the app's binary path, env file."""
+    root = tmp_path / "root"
+    shutil.copytree("/usr/lib/systemd/system", root / "usr/lib/systemd/system", symlinks=True)
+    python = root / "opt/wsapp/current/venv/bin/python"
+    python.parent.mkdir(parents=True)
+    python.write_text("#!/bin/sh\n")
+    python.chmod(0o755)
+    (root / "etc/wsapp").mkdir(parents=True)
+    (root / "etc/wsapp/wsapp.env").write_text("")
+    (root / "etc/systemd/system").mkdir(parents=True)
+    return root
+
+
+@pytest.mark.parametrize("activation", [False, True])
+def test_systemd_verifies_the_units(unit_root: Path, activation: bool) -> None:
+    """systemd-analyze verify accepts the template unit (and its socket)."""
+    variables = role_vars("app", app_socket_activation=activation)
+    units = ["app@.service", "app@.socket"] if activation else ["app@.service"]
+    for unit in units:
+        text = render(f"etc/systemd/system/{unit}.j2", variables)
+        (unit_root / "etc/systemd/system" / unit.replace("app", "wsapp", 1)).write_text(text)
+    result = subprocess.run(
+        ["systemd-analyze", "verify", "--man=no", f"--root={unit_root}", "wsapp@8001.service"],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+
+
+def test_systemd_verify_catches_a_broken_unit(unit_root: Path) -> None:
+    """The check is real: a unit systemd cannot start fails verify."""
+    text = render("etc/systemd/system/app@.service.j2", role_vars("app"))
+    text = text.replace("ExecStart=/opt/wsapp/current", "ExecStart=/opt/nowhere")
+    (unit_root / "etc/systemd/system/wsapp@.service").write_text(text)
+    result = subprocess.run(
+        ["systemd-analyze", "verify", "--man=no", f"--root={unit_root}", "wsapp@8001.service"],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert result.returncode != 0
+
+
+def test_app_unit_exposure_is_at_most_1_5(unit_root: Path) -> None:
+    """systemd-analyze security scores the hardened unit at 1.5 or below."""
+    text = render("etc/systemd/system/app@.service.j2", role_vars("app"))
+    (unit_root / "etc/systemd/system/wsapp@.service").write_text(text)
+    result = subprocess.run(
+        ["systemd-analyze", "security", "--offline=true", f"--root={unit_root}",
+         "--no-pager", "wsapp@8001.service"],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    score = re.search(r"Overall exposure level for wsapp@8001\.service: ([\d.]+)", result.stdout)
+    assert score, result.stdout + result.stderr
+    assert float(score[1]) <= 1.5
+
+
+def test_site_yml_passes_syntax_check() -> None:
+    """ansible-playbook --syntax-check accepts site.yml."""
+    result = subprocess.run(
+        [str(REPO / ".venv/bin/ansible-playbook"), "--syntax-check", "-i", "localhost,",
+         "site.yml"],
+        cwd=REPO, capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
