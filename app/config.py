@@ -41,7 +41,7 @@ class Settings:
     log_level: str
 
 
-# name, type, default, help. The env var is APP_<NAME>.
+# name, type, default, help. The option is --<name>, the env var APP_<NAME>.
 _OPTIONS: list[tuple[str, type, object, str]] = [
     ("host", str, "127.0.0.1", "address to bind (ignored with socket activation)"),
     ("port", int, 8001, "port to bind; 0 picks a free one (ignored with socket activation)"),
@@ -54,14 +54,18 @@ _OPTIONS: list[tuple[str, type, object, str]] = [
     ("ping_interval", float, 20.0, "seconds between keepalive pings"),
     ("ping_timeout", float, 20.0, "seconds to wait for a pong before closing 1011"),
     ("max_connections", int, 10000, "open connections per process; past it: HTTP 503"),
-    ("allowed_origins", str, "", "comma-separated Origin values allowed (empty: any); others 403"),
+    ("allowed_origins", str, "", "comma-separated Origin values allowed (empty: any), "
+     "others get 403; a request without Origin is not from a browser and is let through"),
     ("compression", str, "deflate", "permessage-deflate: 'deflate' or 'none' (less memory)"),
     ("drain_timeout", float, 10.0, "seconds the graceful shutdown may take before exiting"),
     ("restart_file", str, "", "if this file exists at SIGTERM, close with 1012 instead of 1001"),
     ("trusted_proxies", str, "127.0.0.1,::1", "proxies whose X-Forwarded-For is believed"),
     ("log_format", str, "kv", "log lines as 'kv' (key=value) or 'json'"),
     ("log_level", str, "info", "debug, info, warning or error"),
-]
+]  # fmt: skip
+# --version conventionally prints the program's own version: the release label is
+# --version-label (still APP_VERSION, the variable the deploy writes).
+_OPTION_NAMES = {"version": "--version-label"}
 _CHOICES = {
     "compression": ("deflate", "none"),
     "log_format": ("kv", "json"),
@@ -80,9 +84,10 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
     for name, kind, default, text in _OPTIONS:
         variable = f"APP_{name.upper()}"
         # argparse converts a string default with `type`, so a bad APP_* value is
-        # reported like a bad option.
+        # reported like a bad option (choices are checked in parse_settings: argparse
+        # does not check them on defaults).
         parser.add_argument(
-            f"--{name.replace('_', '-')}",
+            _OPTION_NAMES.get(name, f"--{name.replace('_', '-')}"),
             dest=name,
             type=kind,
             default=env.get(variable, default),
@@ -102,11 +107,20 @@ def parse_settings(
     """Parse the command line (and environment) into Settings; exits 2 on bad input."""
     parser = build_parser(environ)
     args = parser.parse_args(argv)
+    for name, choices in _CHOICES.items():
+        if getattr(args, name) not in choices:
+            parser.error(
+                f"--{name.replace('_', '-')}: invalid choice {getattr(args, name)!r} "
+                f"(choose from {', '.join(choices)})"
+            )
     if not 0 <= args.port <= 65535:
         parser.error(f"--port must be between 0 and 65535, got {args.port}")
     for name in ("max_size", "max_queue", "max_connections"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    for name in ("open_timeout", "close_timeout", "ping_interval", "ping_timeout", "drain_timeout"):
+        if not getattr(args, name) > 0:
+            parser.error(f"--{name.replace('_', '-')} must be more than 0 seconds")
     try:
         proxies = tuple(ipaddress.ip_network(p, strict=False) for p in _split(args.trusted_proxies))
     except ValueError as error:

@@ -73,7 +73,7 @@ def test_message_past_max_size_closes_1009(start_app: StartApp) -> None:
 
 def test_health_ready_and_metrics(start_app: StartApp) -> None:
     """/healthz and /readyz report the process in JSON; /metrics counts traffic."""
-    app = start_app("--version", "v42")
+    app = start_app("--version-label", "v42")
     status, body = http_get(app.http + "/healthz")
     assert status == 200
     health = json.loads(body)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import ipaddress
 
+import pytest
+
 from app.config import parse_settings
 from app.server import client_address
 
@@ -29,3 +31,20 @@ def test_forwarded_for_takes_the_rightmost_untrusted_hop() -> None:
     """A client cannot spoof its address by prepending to X-Forwarded-For."""
     header = "1.2.3.4, 198.51.100.1, 10.0.0.5"
     assert client_address("127.0.0.1", header, TRUSTED) == "198.51.100.1"
+
+
+def test_release_label_is_version_label_and_app_version() -> None:
+    """The release label is --version-label on the command line and APP_VERSION in the env."""
+    assert parse_settings([], environ={"APP_VERSION": "1.2.3"}).version == "1.2.3"
+    assert parse_settings(["--version-label", "2.0"], environ={}).version == "2.0"
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [("APP_COMPRESSION", "gzip"), ("APP_LOG_FORMAT", "xml"), ("APP_DRAIN_TIMEOUT", "0")],
+)
+def test_invalid_environment_values_are_rejected(variable: str, value: str) -> None:
+    """A value argparse would let through as a default still fails with exit code 2."""
+    with pytest.raises(SystemExit) as exit_info:
+        parse_settings([], environ={variable: value})
+    assert exit_info.value.code == 2
