@@ -37,7 +37,12 @@ $(BIN)/.installed: requirements/dev.txt requirements/app.txt
 	$(BIN)/pip install -q --disable-pip-version-check -r requirements/dev.txt
 	touch $@
 
-venv: $(BIN)/.installed
+.venv-sslyze/.installed: requirements/sslyze.txt
+	test -x .venv-sslyze/bin/python || $(PYTHON) -m venv .venv-sslyze
+	.venv-sslyze/bin/pip install -q --disable-pip-version-check -r requirements/sslyze.txt
+	touch $@
+
+venv: $(BIN)/.installed .venv-sslyze/.installed
 
 lint: venv
 	$(BIN)/ruff check .
@@ -70,4 +75,4 @@ demo-down: venv
 	$(BIN)/python -m tests.fleetctl down
 
 clean: demo-down
-	rm -rf $(VENV) .fleet build dist
+	rm -rf $(VENV) .venv-sslyze .fleet build dist
