@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Info, generate_latest
+from websockets.frames import Frame
 
 __all__ = ["Metrics"]
 
@@ -42,10 +43,17 @@ class Metrics:
             registry=self.registry,
         )  # fmt: skip
 
-    def count_message(self, direction: str, message: str | bytes) -> None:
-        size = len(message.encode()) if isinstance(message, str) else len(message)
-        self.messages.labels(direction).inc()
-        self.bytes.labels(direction).inc(size)
+    def count_frame(self, direction: str, frame: Frame) -> None:
+        """Count a data frame: its payload bytes, and a message when it is the last one.
+
+        Args:
+            direction: ``"in"`` or ``"out"``.
+            frame: a text, binary or continuation frame, uncompressed.
+        """
+        if frame.fin:
+            self.messages.labels(direction).inc()
+        self.bytes.labels(direction).inc(len(frame.data))
 
     def render(self) -> bytes:
+        """The registry in Prometheus text format."""
         return generate_latest(self.registry)

@@ -28,9 +28,10 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from websockets.asyncio.server import Server as WebSocketServer
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.datastructures import Headers
-from websockets.frames import CloseCode
+from websockets.frames import DATA_OPCODES, CloseCode, Frame
 from websockets.http11 import Request, Response
-from websockets.typing import Data
+from websockets.protocol import Event
+from websockets.server import ServerProtocol
 
 from app import systemd
 from app.config import Network, Settings
@@ -165,14 +166,15 @@ class Server:
     # --- connections --------------------------------------------------------------------
 
     async def handle(self, connection: ServerConnection) -> None:
+        """Run the operator's handler; the library closes the connection when it returns."""
         self._log("connection_open", connection, connection.request)
-        try:
-            await self.handler(connection)
-        finally:
-            await connection.wait_closed()
-            code = connection.close_code if connection.close_code is not None else 1006
-            self.metrics.closes.labels(str(code)).inc()
-            self._log("connection_closed", connection, connection.request, code=code)
+        await self.handler(connection)
+
+    def connection_closed(self, connection: ServerConnection) -> None:
+        """Count and log a WebSocket connection once its TCP connection is gone."""
+        code = connection.close_code or CloseCode.ABNORMAL_CLOSURE
+        self.metrics.closes.labels(str(int(code))).inc()
+        self._log("connection_closed", connection, connection.request, code=int(code))
 
     def _log(
         self, event: str, connection: ServerConnection, request: Request | None, **fields: Any
@@ -186,20 +188,37 @@ class Server:
     # --- life cycle ---------------------------------------------------------------------
 
     def connection_class(self) -> type[ServerConnection]:
-        """A connection class that counts messages and bytes both ways."""
-        metrics = self.metrics
+        """A connection class that counts data frames both ways and logs each close.
+
+        Counting happens at the frame layer rather than in ``send()`` and ``recv()``:
+        ``broadcast()`` writes frames without ``send()``, and a handler may never read
+        what a client sent.
+        """
+        server = self
+
+        class MeteredProtocol(ServerProtocol):
+            def send_frame(self, frame: Frame) -> None:
+                super().send_frame(frame)
+                if frame.opcode in DATA_OPCODES:
+                    server.metrics.count_frame("out", frame)
 
         class MeteredConnection(ServerConnection):
-            # broadcast() writes frames without send(): those are not counted here.
-            async def recv(self, decode: bool | None = None) -> Data:  # type: ignore[override]
-                message = await super().recv(decode)
-                metrics.count_message("in", message)
-                return message
+            def __init__(self, protocol: ServerProtocol, *args: Any, **kwargs: Any) -> None:
+                # serve() builds the protocol itself and offers no factory for it, so
+                # the connection gives the protocol its counting subclass.
+                protocol.__class__ = MeteredProtocol
+                super().__init__(protocol, *args, **kwargs)
 
-            async def send(self, message: Any, *, text: bool | None = None) -> None:
-                await super().send(message, text=text)
-                if isinstance(message, (str, bytes)):
-                    metrics.count_message("out", message)
+            def process_event(self, event: Event) -> None:
+                super().process_event(event)
+                if isinstance(event, Frame) and event.opcode in DATA_OPCODES:
+                    server.metrics.count_frame("in", event)
+
+            def connection_lost(self, exc: Exception | None) -> None:
+                super().connection_lost(exc)
+                # Health checks, refusals and failed handshakes were never connections.
+                if self.response is not None and self.response.status_code == 101:
+                    server.connection_closed(self)
 
         return MeteredConnection
 
@@ -275,7 +294,16 @@ class Server:
         try:
             await asyncio.wait_for(server.wait_closed(), self.settings.drain_timeout)
         except TimeoutError:
-            logger.warning("drain_timeout", extra={"fields": {"left": len(server.connections)}})
+            left = server.all_connections
+            logger.warning("drain_timeout", extra={"fields": {"left": len(left)}})
+            # A handler that ignores its closed connection never returns, and
+            # wait_closed() waits for every handler: end them so the drain timeout,
+            # not systemd's SIGKILL, bounds the stop.
+            for connection in left:
+                connection.transport.abort()
+            for task in server.handler_tasks:
+                task.cancel()
+            await server.wait_closed()
         logger.info("stopped", extra={"fields": {"port": self.port}})
 
 

@@ -144,6 +144,36 @@ def test_restart_file_turns_the_close_code_into_1012(start_app: StartApp) -> Non
         assert app.process.wait(10) == 0
 
 
+def test_drain_timeout_bounds_a_handler_that_never_returns(start_app: StartApp) -> None:
+    """A handler deaf to the close does not keep the process past --drain-timeout."""
+    app = start_app("--handler", "tests.app.handlers:ignore_closing", "--drain-timeout", "1")
+
+    async def scenario() -> float:
+        async with connect(app.url):
+            started = time.monotonic()
+            app.process.terminate()
+            await asyncio.to_thread(app.process.wait, 10)
+            return time.monotonic() - started
+
+    assert asyncio.run(scenario()) < 3
+    assert app.process.returncode == 0
+    app.wait_for_line("event=drain_timeout left=1")
+
+
+def test_handler_that_returns_closes_the_connection_1000(start_app: StartApp) -> None:
+    """When the operator's handler returns, the client is closed with 1000 and it is logged."""
+    app = start_app("--handler", "tests.app.handlers:greet_and_leave")
+
+    async def scenario() -> tuple[str | bytes, int | None]:
+        async with connect(app.url) as ws:
+            greeting = await ws.recv()
+            await asyncio.wait_for(ws.wait_closed(), 5)
+            return greeting, ws.close_code
+
+    assert asyncio.run(scenario()) == ("hello", 1000)
+    app.wait_for_line(r"event=connection_closed client=127\.0\.0\.1 path=/ code=1000")
+
+
 def test_origin_not_allowed_is_refused_403(start_app: StartApp) -> None:
     """Only the configured origins may open a connection; others get 403."""
     app = start_app("--allowed-origins", "https://good.example,https://also.example")
@@ -233,6 +263,11 @@ def test_chat_page_and_broadcast_within_a_room(start_app: StartApp) -> None:
             return to_bob, to_alice, carol_heard
 
     assert asyncio.run(scenario()) == ("hi bob", "hi bob", False)
+    # broadcast() bypasses send(): the two copies are counted all the same.
+    metrics = http_get(app.http + "/metrics")[1]
+    assert 'wsapp_messages_total{direction="in"} 1.0' in metrics
+    assert 'wsapp_messages_total{direction="out"} 2.0' in metrics
+    assert 'wsapp_bytes_total{direction="out"} 12.0' in metrics
 
 
 def test_plain_get_on_the_websocket_path_gets_426(start_app: StartApp) -> None:
