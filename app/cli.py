@@ -8,7 +8,7 @@ import json
 import logging
 import sys
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from app.config import Settings, parse_settings
@@ -47,20 +47,31 @@ def _quote(value: object) -> str:
 
 
 def configure_logging(settings: Settings) -> None:
+    """Log one line per event on stdout (journald), as key=value or JSON."""
     handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(EventFormatter(settings.log_format))
     logging.basicConfig(level=settings.log_level.upper(), handlers=[handler], force=True)
-    # The library logs each refused or malformed handshake with a traceback; our own
-    # handshake_refused line says enough, so keep its logger to real problems.
-    logging.getLogger("websockets").setLevel(logging.ERROR)
+    if settings.log_level != "debug":
+        # The library's info lines (every connection opened or rejected) repeat our own
+        # events without their fields; its warnings and errors still come through.
+        logging.getLogger("websockets").setLevel(logging.WARNING)
 
 
 def load_handler(spec: str) -> Handler:
-    """Import ``module:callable``; raises ValueError naming what is wrong."""
+    """Import the handler named ``module:callable``.
+
+    Args:
+        spec: ``module:callable``, e.g. ``app.handlers:echo``.
+
+    Raises:
+        ValueError: naming the handler and what is wrong with it.
+    """
     module_name, _, attribute = spec.partition(":")
     try:
         module = importlib.import_module(module_name)
-    except ImportError as error:
+    # Whatever the operator's module raises while importing is a bad handler, told in
+    # one line like a missing module, not a traceback.
+    except Exception as error:
         raise ValueError(f"cannot load handler {spec!r}: {error}") from error
     handler = getattr(module, attribute, None)
     if not callable(handler):
@@ -70,7 +81,7 @@ def load_handler(spec: str) -> Handler:
     return handler  # type: ignore[no-any-return]
 
 
-def _event_loop_runner() -> Any:
+def _event_loop_runner() -> Callable[[Coroutine[Any, Any, int]], int]:
     """uvloop's runner when it is installed, else asyncio's."""
     try:
         import uvloop
@@ -88,10 +99,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    server = Server(settings, handler)
-    coroutine: Coroutine[Any, Any, int] = server.run()
-    return int(_event_loop_runner()(coroutine))
+    return _event_loop_runner()(Server(settings, handler).run())
 
 
 def run() -> None:
+    """Entry point of ``python -m app`` and the ``wsfleet-app`` script."""
     sys.exit(main())

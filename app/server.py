@@ -230,8 +230,12 @@ class Server:
             os._exit(1)
         self._stopping.set()
 
-    async def run(self, started: Callable[[Server], None] | None = None) -> int:
-        """Serve until a signal, then drain; returns the exit code."""
+    async def run(self) -> int:
+        """Serve until a signal, then drain.
+
+        Returns:
+            The exit code: 0 after a graceful stop, 1 when the port cannot be listened on.
+        """
         settings = self.settings
         sock = systemd.activation_socket()
         loop = asyncio.get_running_loop()
@@ -240,21 +244,28 @@ class Server:
         options: dict[str, Any] = {"sock": sock} if sock else {
             "host": settings.host, "port": settings.port, "reuse_address": True,
         }  # fmt: skip
-        async with serve(
-            self.handle,
-            process_request=self.process_request,
-            process_response=self.process_response,
-            compression=None if settings.compression == "none" else "deflate",
-            max_size=settings.max_size,
-            max_queue=settings.max_queue,
-            open_timeout=settings.open_timeout,
-            close_timeout=settings.close_timeout,
-            ping_interval=settings.ping_interval,
-            ping_timeout=settings.ping_timeout,
-            create_connection=self.connection_class(),
-            server_header=None,
-            **options,
-        ) as server:
+        try:
+            server = await serve(
+                self.handle,
+                process_request=self.process_request,
+                process_response=self.process_response,
+                compression=None if settings.compression == "none" else "deflate",
+                max_size=settings.max_size,
+                max_queue=settings.max_queue,
+                open_timeout=settings.open_timeout,
+                close_timeout=settings.close_timeout,
+                ping_interval=settings.ping_interval,
+                ping_timeout=settings.ping_timeout,
+                create_connection=self.connection_class(),
+                server_header=None,
+                **options,
+            )
+        except OSError as error:
+            # A port in use is an operator's problem to read in one line, not a traceback.
+            fields = {"host": settings.host, "port": settings.port, "error": error.strerror}
+            logger.error("listen_failed", extra={"fields": fields})
+            return 1
+        async with server:
             self._server = server
             self.port = _bound_port(server, sock)
             logger.info(
@@ -264,8 +275,6 @@ class Server:
                     "pid": os.getpid(), "socket_activated": sock is not None,
                 }},
             )  # fmt: skip
-            if started:
-                started(self)
             systemd.notify(f"READY=1\nSTATUS=serving on port {self.port}")
             await self._stopping.wait()
             await self.drain(server)

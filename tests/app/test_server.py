@@ -301,17 +301,35 @@ def test_invalid_utf8_in_a_text_frame_closes_1007(start_app: StartApp) -> None:
     assert asyncio.run(handshake_status(app.url)) == 101
 
 
-def test_unknown_handler_exits_2_naming_it_and_listens_nowhere() -> None:
+@pytest.mark.parametrize(
+    ("handler", "problem"),
+    [
+        ("nosuch.module:handler", "No module named 'nosuch'"),
+        ("tests.app.handlers:nosuch", "no callable 'nosuch'"),
+    ],
+)
+def test_unknown_handler_exits_2_naming_it_and_listens_nowhere(handler: str, problem: str) -> None:
     """An unknown handler is named on stderr, exit code 2, and the port stays closed."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    process = spawn("--port", str(port), "--handler", "nosuch.module:handler")
+    process = spawn("--port", str(port), "--handler", handler)
     output, _ = process.communicate(timeout=30)
     assert process.returncode == 2
-    assert "cannot load handler 'nosuch.module:handler'" in output
+    assert f"error: cannot load handler {handler!r}: {problem}" in output
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection(("127.0.0.1", port), timeout=2).close()
+
+
+def test_port_in_use_exits_1_with_one_line() -> None:
+    """A port already taken is reported in one log line, no traceback, exit code 1."""
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        process = spawn("--port", str(taken.getsockname()[1]))
+        output, _ = process.communicate(timeout=30)
+    assert process.returncode == 1
+    assert "event=listen_failed" in output
+    assert "address already in use" in output
+    assert "Traceback" not in output
 
 
 def test_bad_environment_value_is_named() -> None:
