@@ -174,6 +174,37 @@ def test_handler_that_returns_closes_the_connection_1000(start_app: StartApp) ->
     app.wait_for_line(r"event=connection_closed client=127\.0\.0\.1 path=/ code=1000")
 
 
+@pytest.mark.parametrize(
+    ("trusted", "client"), [("127.0.0.1,::1", "203.0.113.7"), ("10.0.0.0/8", "127.0.0.1")]
+)
+def test_json_logs_name_the_forwarded_client_only_from_a_trusted_proxy(
+    trusted: str, client: str
+) -> None:
+    """JSON log lines; X-Forwarded-For is the client only when the peer is a trusted proxy."""
+    process = spawn("--port", "0", "--log-format", "json", "--trusted-proxies", trusted)
+    try:
+        assert process.stdout is not None
+        start = json.loads(process.stdout.readline())
+        assert start["event"] == "listening"
+        assert start["pid"] == process.pid
+
+        async def visit() -> None:
+            url = f"ws://127.0.0.1:{start['port']}/room"
+            async with connect(url, additional_headers={"X-Forwarded-For": "203.0.113.7"}):
+                pass
+
+        asyncio.run(visit())
+        process.terminate()
+        output, _ = process.communicate(timeout=15)
+    finally:
+        process.kill()
+        process.wait(10)
+    events = [json.loads(line) for line in output.splitlines()]
+    opened = next(event for event in events if event["event"] == "connection_open")
+    assert (opened["client"], opened["path"]) == (client, "/room")
+    assert process.returncode == 0
+
+
 def test_origin_not_allowed_is_refused_403(start_app: StartApp) -> None:
     """Only the configured origins may open a connection; others get 403."""
     app = start_app("--allowed-origins", "https://good.example,https://also.example")

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import ipaddress
+import os
+import socket
 
 import pytest
 
+from app import systemd
 from app.config import parse_settings
 from app.server import client_address
 
@@ -48,3 +51,20 @@ def test_invalid_environment_values_are_rejected(variable: str, value: str) -> N
     with pytest.raises(SystemExit) as exit_info:
         parse_settings([], environ={variable: value})
     assert exit_info.value.code == 2
+
+
+def test_notify_reaches_an_abstract_socket(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A NOTIFY_SOCKET starting with '@' names an abstract socket, as systemd sets it."""
+    name = f"wsfleet-test-notify-{os.getpid()}"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as receiver:
+        receiver.bind("\0" + name)
+        receiver.settimeout(5)
+        monkeypatch.setenv("NOTIFY_SOCKET", "@" + name)
+        assert systemd.notify("READY=1\nSTATUS=test")
+        assert receiver.recv(1024) == b"READY=1\nSTATUS=test"
+
+
+def test_notify_without_systemd_does_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Outside systemd (no NOTIFY_SOCKET) notify() says so and sends nothing."""
+    monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
+    assert not systemd.notify("READY=1")
