@@ -146,6 +146,9 @@ class Server:
         return None
 
     def _refusal(self, request: Request) -> tuple[HTTPStatus, str] | None:
+        # The capacity check holds under concurrent handshakes because this hook is
+        # synchronous and websockets 17.4 writes the 101 and registers the connection
+        # without yielding (a fresh socket's write buffer is never full).
         if self.state != RUNNING:
             return HTTPStatus.SERVICE_UNAVAILABLE, "draining"
         if self.at_capacity():

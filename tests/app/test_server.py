@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from websockets.asyncio.client import connect
+from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from tests.app.conftest import REPO, AppProcess, attach, spawn
@@ -224,6 +224,28 @@ def test_capacity_refuses_with_503_and_readyz_says_so(start_app: StartApp) -> No
 
     assert asyncio.run(scenario()) == (503, 503)
     assert http_get(app.http + "/readyz")[0] == 200
+
+
+def test_capacity_holds_under_concurrent_handshakes(start_app: StartApp) -> None:
+    """Fifty handshakes at once against --max-connections 5: exactly five get through."""
+    app = start_app("--max-connections", "5")
+
+    async def attempt(clients: list[ClientConnection]) -> int:
+        try:
+            clients.append(await connect(app.url, open_timeout=10))
+        except InvalidStatus as refusal:
+            return refusal.response.status_code
+        return 101
+
+    async def scenario() -> list[int]:
+        clients: list[ClientConnection] = []
+        try:
+            return await asyncio.gather(*(attempt(clients) for _ in range(50)))
+        finally:
+            await asyncio.gather(*(ws.close() for ws in clients))
+
+    statuses = asyncio.run(scenario())
+    assert sorted(statuses) == [101] * 5 + [503] * 45
 
 
 def test_socket_activation_and_ready_notification() -> None:
