@@ -20,7 +20,11 @@ logger = logging.getLogger("app")
 
 
 class EventFormatter(logging.Formatter):
-    """One line per event: ``event=... key=value ...`` or the same as a JSON object."""
+    """One line per event: ``event=... key=value ...`` or the same as a JSON object.
+
+    Args:
+        style: ``"kv"`` or ``"json"``.
+    """
 
     def __init__(self, style: str) -> None:
         super().__init__()

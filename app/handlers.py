@@ -42,7 +42,11 @@ def _room_of(path: str) -> str:
 
 
 async def chat(ws: ServerConnection) -> None:
-    """Send each message to every client of the room in this process, the sender too."""
+    """Send each message to every client of the room in this process, the sender too.
+
+    The room is named by the path, ``/ws/<room>``, or by ``/ws?room=<room>``; ``lobby``
+    when neither names one. ``GET /?room=<room>`` serves the page that joins it.
+    """
     room = _room_of(ws.request.path if ws.request else "/")
     members = _rooms.setdefault(room, set())
     members.add(ws)

@@ -109,9 +109,11 @@ class Server:
         return self._server.connections if self._server else set()
 
     def at_capacity(self) -> bool:
+        """Whether the open connections reached ``--max-connections``."""
         return len(self._connections()) >= self.settings.max_connections
 
     def status(self) -> dict[str, Any]:
+        """The JSON body of ``/healthz`` and ``/readyz``; ``status`` is ``ok`` when ready."""
         ready = self.state == RUNNING and not self.at_capacity()
         return {
             "status": "ok" if ready else "unavailable",
@@ -125,6 +127,12 @@ class Server:
     # --- HTTP before the handshake ------------------------------------------------------
 
     def process_request(self, connection: ServerConnection, request: Request) -> Response | None:
+        """Answer the HTTP routes, or refuse a handshake; None lets the handshake go on.
+
+        Args:
+            connection: the connection being opened.
+            request: its HTTP request.
+        """
         path = request.path.split("?", 1)[0]
         if path in ("/healthz", "/readyz"):
             report = self.status()
@@ -163,6 +171,7 @@ class Server:
     def process_response(
         self, connection: ServerConnection, request: Request, response: Response
     ) -> None:
+        """Count an accepted handshake (refusals are counted in :meth:`process_request`)."""
         if response.status_code == HTTPStatus.SWITCHING_PROTOCOLS:
             self.metrics.handshakes.labels("accepted").inc()
 
