@@ -1,0 +1,190 @@
+"""The default deploy on the public internet: TLS, limits and sandbox, tested from outside."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import socket
+import ssl
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+from tests import fleetctl
+from tests.demo import ca_file, round_trip
+from tests.fleet.helpers import REPO, ansible_playbook
+
+# sslyze lives in a venv of its own (requirements/sslyze.txt says why).
+SSLYZE = REPO / ".venv-sslyze" / "bin" / "python"
+
+
+def sslyze(target: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(SSLYZE), "-m", "sslyze", *args, f"{target}:443"],
+        capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+
+
+def tls_context() -> ssl.SSLContext:
+    return ssl.create_default_context(cafile=str(ca_file()))
+
+
+def test_sslyze_says_mozilla_intermediate_compliant(
+    fleet: fleetctl.Fleet, deployed: object, tmp_path: Path
+) -> None:
+    """sslyze's Mozilla check (intermediate) passes; TLS 1.0 and 1.1 are refused."""
+    host = fleet.app_servers[0]
+    report = tmp_path / "sslyze.json"
+    result = sslyze(
+        host.address, "--mozilla_config=intermediate", f"--certinfo_ca_file={ca_file()}",
+        f"--json_out={report}",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert "OK - Compliant." in result.stdout
+    scan = json.loads(report.read_text())["server_scan_results"][0]["scan_result"]
+    for old in ("ssl_3_0", "tls_1_0", "tls_1_1"):
+        assert scan[f"{old}_cipher_suites"]["result"]["accepted_cipher_suites"] == [], old
+    assert scan["tls_1_3_cipher_suites"]["result"]["accepted_cipher_suites"]
+
+
+def test_plain_http_redirects_to_https_but_health_answers(
+    fleet: fleetctl.Fleet, deployed: object
+) -> None:
+    """Port 80 answers 301 to https, except /healthz for load balancers."""
+    address = fleet.app_servers[0].address
+    for path, expected in (("/", "301"), ("/healthz", "200")):
+        with socket.create_connection((address, 80), timeout=5) as raw:
+            raw.sendall(
+                f"GET {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n".encode()
+            )
+            head = raw.recv(4096).decode(errors="replace")
+        assert head.split()[1] == expected, head
+        if expected == "301":
+            assert f"Location: https://{address}/" in head
+
+
+def test_metrics_are_not_public(fleet: fleetctl.Fleet, deployed: object) -> None:
+    """/metrics answers 404 through the public listener; server_tokens hide the version."""
+    address = fleet.app_servers[0].address
+    request = f"GET /metrics HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n"
+    with (
+        socket.create_connection((address, 443), timeout=5) as raw,
+        tls_context().wrap_socket(raw, server_hostname=address) as tls,
+    ):
+        tls.sendall(request.encode())
+        head = tls.recv(4096).decode(errors="replace")
+    assert head.startswith("HTTP/1.1 404")
+    assert re.search(r"^Server: nginx\r$", head, re.MULTILINE)
+
+
+def test_a_2_mib_message_is_refused_with_1009(fleet: fleetctl.Fleet, deployed: object) -> None:
+    """Through nginx, a message over the app's max size closes with 1009; others unaffected."""
+    address = fleet.app_servers[0].address
+
+    async def scenario() -> tuple[int | None, str | bytes]:
+        async with connect(f"wss://{address}/ws/big", ssl=tls_context()) as bystander:
+            async with connect(f"wss://{address}/ws/big2", ssl=tls_context(), max_size=None) as ws:
+                await ws.send(b"x" * (2 << 20))
+                with pytest.raises(ConnectionClosed):
+                    await asyncio.wait_for(ws.recv(), 10)
+                code = ws.close_code
+            await bystander.send("still here")
+            return code, await asyncio.wait_for(bystander.recv(), 5)
+
+    assert asyncio.run(scenario()) == (1009, "still here")
+
+
+def test_a_trickling_handshake_is_cut_by_a_timeout(fleet: fleetctl.Fleet, deployed: object) -> None:
+    """A slowloris client that never finishes its headers is closed by nginx's timeout."""
+    address = fleet.app_servers[0].address
+    with (
+        socket.create_connection((address, 443), timeout=30) as raw,
+        tls_context().wrap_socket(raw, server_hostname=address) as tls,
+    ):
+        tls.sendall(b"GET /ws/slow HTTP/1.1\r\nHost: x\r\n")
+        started = time.monotonic()
+        closed = False
+        while time.monotonic() - started < 25:
+            try:
+                tls.sendall(b"X-Slow: 1\r\n")
+            except OSError:
+                closed = True
+                break
+            tls.settimeout(2)
+            try:
+                if tls.recv(4096) == b"":
+                    closed = True
+                    break
+            except TimeoutError:
+                continue
+            except OSError:
+                closed = True
+                break
+        elapsed = time.monotonic() - started
+    assert closed, "nginx kept a handshake that never ended"
+    assert elapsed < 20
+    assert asyncio.run(round_trip(address, ca_file(), "after slowloris")) == "after slowloris"
+
+
+@pytest.fixture
+def restricted(fleet: fleetctl.Fleet, deployed: object) -> Iterator[fleetctl.FleetHost]:
+    """The fleet redeployed with 5 connections per client and one allowed origin; then back."""
+    extra = json.dumps(
+        {"nginx_limit_conn_per_ip": 5, "app_allowed_origins": ["https://good.example"]}
+    )
+    ansible_playbook("site.yml", "-e", extra)
+    try:
+        yield fleet.app_servers[0]
+    finally:
+        ansible_playbook("site.yml")
+
+
+def test_limits_refuse_without_disturbing_others(restricted: fleetctl.FleetHost) -> None:
+    """Past the per-client connection limit, and from a foreign origin: refused; others served."""
+    address = restricted.address
+
+    async def scenario() -> tuple[int, int, list[str | bytes]]:
+        clients = [await connect(f"wss://{address}/ws/limit", ssl=tls_context()) for _ in range(5)]
+        try:
+            with pytest.raises(InvalidStatus) as over:
+                await connect(f"wss://{address}/ws/limit", ssl=tls_context(), open_timeout=10)
+            for ws in clients:
+                await ws.close()
+            with pytest.raises(InvalidStatus) as foreign:
+                await connect(
+                    f"wss://{address}/ws/limit", ssl=tls_context(), origin="https://evil.example"
+                )
+            async with connect(
+                f"wss://{address}/ws/limit", ssl=tls_context(), origin="https://good.example"
+            ) as ok:
+                await ok.send("welcome")
+                reply = await ok.recv()
+            return over.value.response.status_code, foreign.value.response.status_code, [reply]
+        finally:
+            for ws in clients:
+                await ws.close()
+
+    over, foreign, replies = asyncio.run(scenario())
+    assert over in (429, 503)
+    assert foreign == 403
+    assert replies == ["welcome"]
+
+
+def test_deployed_unit_scores_at_most_1_5(fleet: fleetctl.Fleet, deployed: object) -> None:
+    """systemd-analyze security on a deployed host rates the app unit 1.5 or below."""
+    out = fleet.app_servers[0].ssh("systemd-analyze security --no-pager wsapp@8001.service").stdout
+    score = re.search(r"Overall exposure level for wsapp@8001\.service: ([\d.]+)", out)
+    assert score, out
+    assert float(score[1]) <= 1.5
+
+
+def test_private_key_is_root_only(fleet: fleetctl.Fleet, deployed: object) -> None:
+    """The TLS key on the host is 0600 root:root."""
+    out = fleet.app_servers[0].ssh("stat -c '%a %U %G' /etc/ssl/wsfleet/server.key").stdout.strip()
+    assert out == "600 root root"
