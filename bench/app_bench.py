@@ -3,8 +3,8 @@
     .venv/bin/python bench/app_bench.py [--seconds 5] [--idle 1000]
 
 Prints, measured side by side in one run:
-- echo messages/s of one process at 64 B and 16 KiB (clients in separate processes, so
-  the client is not the bottleneck; client CPU is printed too);
+- echo messages/s of one process at 64 B and 16 KiB (clients in separate processes on
+  uvloop, so the client is not the bottleneck; client CPU is printed too);
 - RSS per 1,000 idle connections with permessage-deflate on and off.
 Every process it starts is stopped before it exits.
 """
@@ -19,47 +19,56 @@ import re
 import resource
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Coroutine
+from multiprocessing.queues import Queue
+from multiprocessing.synchronize import Event
 from pathlib import Path
+from typing import IO, Any, TypeAlias, TypeVar
 
 from websockets.asyncio.client import connect
 
 REPO = Path(__file__).resolve().parent.parent
+T = TypeVar("T")
+# A string: multiprocessing's Queue is not subscriptable at run time.
+Results: TypeAlias = "Queue[tuple[int, float]]"
+
+
+def run(coroutine: Coroutine[Any, Any, T]) -> T:
+    """Run the clients on uvloop when it is there, as the server does: cheaper clients."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coroutine)
+    return uvloop.run(coroutine)
+
+
 PAGE = os.sysconf("SC_PAGE_SIZE")
 TICKS = os.sysconf("SC_CLK_TCK")
 
 
-def start_server(*args: str) -> tuple[subprocess.Popen[str], int]:
+def start_server(logs: IO[str], *args: str) -> tuple[subprocess.Popen[bytes], int]:
+    """Start ``python -m app`` on a free port, logging to ``logs``; returns it and its port."""
+    log = Path(logs.name)
+    # Every server appends to the same file: read only what this one writes.
+    offset = log.stat().st_size
     process = subprocess.Popen(
-        [sys.executable, "-m", "app", "--port", "0", "--log-level", "warning", *args],
+        [sys.executable, "-m", "app", "--port", "0", *args],
         cwd=REPO,
-        stdout=subprocess.PIPE,
+        stdout=logs,
         stderr=subprocess.STDOUT,
-        text=True,
     )
-    # At warning level the "listening" line is not logged: find the port in /proc.
+    # A file, not a pipe: nobody reads the log while the bench runs, and a full pipe
+    # would stall the server.
     deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        port = listening_port(process.pid)
-        if port:
-            return process, port
+    while time.monotonic() < deadline and process.poll() is None:
+        if match := re.search(r"event=listening port=(\d+)", log.read_text()[offset:]):
+            return process, int(match[1])
         time.sleep(0.05)
     process.kill()
-    raise RuntimeError("the app did not start listening")
-
-
-def listening_port(pid: int) -> int | None:
-    inodes = set()
-    for fd in Path(f"/proc/{pid}/fd").iterdir():
-        target = os.readlink(fd) if fd.is_symlink() else ""
-        if match := re.match(r"socket:\[(\d+)\]", target):
-            inodes.add(match[1])
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        for line in Path(table).read_text().splitlines()[1:]:
-            fields = line.split()
-            if fields[3] == "0A" and fields[9] in inodes:  # 0A: LISTEN
-                return int(fields[1].rsplit(":", 1)[1], 16)
-    return None
+    process.wait()
+    raise RuntimeError(f"the app did not start listening: {log.read_text()[offset:]}")
 
 
 def rss_kib(pid: int) -> int:
@@ -71,7 +80,7 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / TICKS
 
 
-def stop(process: subprocess.Popen[str]) -> None:
+def stop(process: subprocess.Popen[bytes]) -> None:
     process.terminate()
     try:
         process.wait(15)
@@ -100,16 +109,18 @@ async def echo_client(url: str, size: int, seconds: float, connections: int) -> 
     return count
 
 
-def echo_worker(url: str, size: int, seconds: float, connections: int, out: object) -> None:
+def echo_worker(url: str, size: int, seconds: float, connections: int, out: Results) -> None:
     started = time.process_time()
-    count = asyncio.run(echo_client(url, size, seconds, connections))
-    out.put((count, time.process_time() - started))  # type: ignore[attr-defined]
+    count = run(echo_client(url, size, seconds, connections))
+    out.put((count, time.process_time() - started))
 
 
-def echo_throughput(size: int, seconds: float, workers: int = 2, per_worker: int = 16) -> None:
-    server, port = start_server("--compression", "none", "--max-size", str(1 << 20))
+def echo_throughput(
+    logs: IO[str], size: int, seconds: float, workers: int = 2, per_worker: int = 16
+) -> None:
+    server, port = start_server(logs, "--compression", "none")
     try:
-        queue: multiprocessing.Queue[tuple[int, float]] = multiprocessing.Queue()
+        queue: Results = multiprocessing.Queue()
         cpu_before = cpu_seconds(server.pid)
         processes = [
             multiprocessing.Process(
@@ -138,23 +149,23 @@ def echo_throughput(size: int, seconds: float, workers: int = 2, per_worker: int
 # --- memory per idle connection ------------------------------------------------------------
 
 
-async def hold_idle(url: str, count: int, compression: str | None, ready: object) -> None:
+async def hold_idle(url: str, count: int, compression: str | None, ready: Event) -> None:
     clients = []
     for _ in range(count):
         clients.append(await connect(url, compression=compression, ping_interval=None))
-    ready.set()  # type: ignore[attr-defined]
+    ready.set()
     await asyncio.sleep(3600)
 
 
-def idle_worker(url: str, count: int, compression: str | None, ready: object) -> None:
-    asyncio.run(hold_idle(url, count, compression, ready))
+def idle_worker(url: str, count: int, compression: str | None, ready: Event) -> None:
+    run(hold_idle(url, count, compression, ready))
 
 
-def rss_per_thousand(compression: str, idle: int) -> float:
-    server, port = start_server("--compression", compression)
+def rss_per_thousand(logs: IO[str], compression: str, idle: int) -> float:
+    server, port = start_server(logs, "--compression", compression)
     try:
         # Let the process warm up (first connection imports and allocates once).
-        asyncio.run(echo_client(f"ws://127.0.0.1:{port}", 64, 0.2, 4))
+        run(echo_client(f"ws://127.0.0.1:{port}", 64, 0.2, 4))
         time.sleep(0.5)
         before = rss_kib(server.pid)
         ready = multiprocessing.Event()
@@ -185,10 +196,13 @@ def main() -> int:
     args = parser.parse_args()
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 65536)), hard))
-    for size in (64, 16 * 1024):
-        echo_throughput(size, args.seconds)
-    deflate = rss_per_thousand("deflate", args.idle)
-    none = rss_per_thousand("none", args.idle)
+    # Figures from a busy machine are not comparable with a quiet one's: say which it was.
+    print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f} at start")
+    with tempfile.NamedTemporaryFile("w", prefix="app_bench-", suffix=".log") as logs:
+        for size in (64, 16 * 1024):
+            echo_throughput(logs, size, args.seconds)
+        deflate = rss_per_thousand(logs, "deflate", args.idle)
+        none = rss_per_thousand(logs, "none", args.idle)
     print(f"ratio rss_per_1k deflate/none: {deflate / none:.2f}")
     return 0
 
