@@ -160,6 +160,23 @@ def test_drain_timeout_bounds_a_handler_that_never_returns(start_app: StartApp) 
     app.wait_for_line("event=drain_timeout left=1")
 
 
+def test_second_signal_exits_at_once(start_app: StartApp) -> None:
+    """A second SIGTERM during a long drain ends the process at once, non-zero."""
+    app = start_app("--handler", "tests.app.handlers:ignore_closing", "--drain-timeout", "30")
+
+    async def scenario() -> float:
+        async with connect(app.url):
+            app.process.terminate()
+            await asyncio.to_thread(app.wait_for_line, "event=draining")
+            started = time.monotonic()
+            app.process.terminate()
+            await asyncio.to_thread(app.process.wait, 10)
+            return time.monotonic() - started
+
+    assert asyncio.run(scenario()) < 2
+    assert app.process.returncode != 0
+
+
 def test_handler_that_returns_closes_the_connection_1000(start_app: StartApp) -> None:
     """When the operator's handler returns, the client is closed with 1000 and it is logged."""
     app = start_app("--handler", "tests.app.handlers:greet_and_leave")
