@@ -101,7 +101,6 @@ class Server:
         self.metrics = Metrics(settings.version, lambda: len(self._connections()))
         self._server: WebSocketServer | None = None
         self._stopping = asyncio.Event()
-        self._signals = 0
 
     # --- state --------------------------------------------------------------------------
 
@@ -236,8 +235,7 @@ class Server:
 
     def on_signal(self, signum: int) -> None:
         """First SIGTERM/SIGINT: drain. A second one: exit at once."""
-        self._signals += 1
-        if self._signals > 1:
+        if self._stopping.is_set():
             logger.warning("second_signal", extra={"fields": {"signal": signum}})
             os._exit(1)
         self._stopping.set()
