@@ -42,6 +42,12 @@ class Metrics:
             "wsapp_closes", "Closed WebSocket connections, by close code.", ["code"],
             registry=self.registry,
         )  # fmt: skip
+        # Series exist from the start, at 0, so rate() and alerts see the first increase.
+        for result in ("accepted", "refused"):
+            self.handshakes.labels(result)
+        for direction in ("in", "out"):
+            self.messages.labels(direction)
+            self.bytes.labels(direction)
 
     def count_frame(self, direction: str, frame: Frame) -> None:
         """Count a data frame: its payload bytes, and a message when it is the last one.

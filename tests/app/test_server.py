@@ -82,6 +82,7 @@ def test_health_ready_and_metrics(start_app: StartApp) -> None:
     assert health["port"] == app.port
     assert health["pid"] == app.process.pid
     assert http_get(app.http + "/readyz")[0] == 200
+    assert 'wsapp_messages_total{direction="out"} 0.0' in http_get(app.http + "/metrics")[1]
 
     async def traffic() -> str:
         async with connect(app.url) as ws:
