@@ -116,8 +116,7 @@ def unit_root(tmp_path: Path) -> Path:
     python.parent.mkdir(parents=True)
     python.write_text("#!/bin/sh\n")
     python.chmod(0o755)
-    (root / "etc/wsapp").mkdir(parents=True)
-    (root / "etc/wsapp/wsapp.env").write_text("")
+    (root / "opt/wsapp/current/app.env").write_text("")
     (root / "etc/systemd/system").mkdir(parents=True)
     return root
 
