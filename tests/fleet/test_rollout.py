@@ -1,0 +1,76 @@
+"""playbooks/rollout.yml and rollback.yml on the live fleet, under load."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+
+import pytest
+
+from tests import fleetctl
+from tests.fleet.helpers import ansible_playbook
+from tests.fleet.load import assert_no_failures, load_on, summary
+from tests.fleet.test_release_under_load import versions
+
+
+def current_release(host: fleetctl.FleetHost) -> str:
+    return host.ssh("readlink /opt/wsapp/current").stdout.strip().rsplit("/", 1)[-1]
+
+
+@pytest.fixture(scope="module")
+def rolled_out(fleet: fleetctl.Fleet, deployed: object) -> Iterator[str]:
+    """The fleet on release 2.0.0, rolled out under load; the deploy's release afterwards."""
+    addresses = [h.address for h in fleet.app_servers]
+    with load_on(addresses) as load:
+        result = ansible_playbook("playbooks/rollout.yml", "-e", "app_version=2.0.0")
+    print(f"\nrollout under load: {summary(load)}")
+    assert_no_failures(load)
+    assert load.closes, "no instance restarted"
+    try:
+        yield result.stdout
+    finally:
+        ansible_playbook("site.yml")
+
+
+def test_rollout_reaches_every_instance_and_summarises(
+    fleet: fleetctl.Fleet, rolled_out: str
+) -> None:
+    """After the rollout every instance reports 2.0.0; the summary lists each host."""
+    assert versions(fleet) == {h.name: {"2.0.0"} for h in fleet.app_servers}
+    for host in fleet.app_servers:
+        assert re.search(rf"{host.name}\s+1\.0\.0\s+-> 2\.0\.0\s+[\d.]+s\s+ok", rolled_out), (
+            rolled_out
+        )
+
+
+def test_a_broken_release_stops_at_the_first_batch(fleet: fleetctl.Fleet, rolled_out: str) -> None:
+    """A release that exits at start: the first host returns to 2.0.0, the rest untouched."""
+    first, *others = fleet.app_servers
+    with load_on([h.address for h in fleet.app_servers]) as load:
+        result = ansible_playbook(
+            "playbooks/rollout.yml", "-e", "app_version=3.0.0-broken",
+            "-e", '{"app_env": {"APP_PING_INTERVAL": "-5"}}', check=False,
+        )  # fmt: skip
+    print(f"\nbroken rollout under load: {summary(load)}")
+    assert result.returncode != 0
+    assert f"{first.name}: FAILED at" in result.stdout
+    assert "back on 2.0.0" in result.stdout
+    assert_no_failures(load)
+    assert current_release(first) == "2.0.0"
+    for host in others:
+        assert current_release(host) == "2.0.0"
+        assert "3.0.0-broken" not in host.ssh("ls /opt/wsapp/releases").stdout
+    assert versions(fleet) == {h.name: {"2.0.0"} for h in fleet.app_servers}
+
+
+def test_rollback_under_load_returns_to_the_previous_release(
+    fleet: fleetctl.Fleet, rolled_out: str
+) -> None:
+    """rollback.yml takes every host back to the release before 2.0.0, failing nothing."""
+    with load_on([h.address for h in fleet.app_servers]) as load:
+        result = ansible_playbook("playbooks/rollback.yml")
+    print(f"\nrollback under load: {summary(load)}")
+    assert_no_failures(load)
+    assert versions(fleet) == {h.name: {"1.0.0"} for h in fleet.app_servers}
+    for host in fleet.app_servers:
+        assert re.search(rf"{host.name}\s+2\.0\.0\s+-> 1\.0\.0\s+[\d.]+s\s+ok", result.stdout)
