@@ -87,6 +87,16 @@ def test_nginx_accepts_the_rendered_configuration(nginx_prefix: Path, profile: s
     assert "syntax is ok" in result.stderr
 
 
+def test_nginx_accepts_restricted_app_paths(nginx_prefix: Path) -> None:
+    """nginx_app_paths other than "/": those prefixes proxy, any other path answers 404."""
+    result = nginx_check(nginx_prefix, nginx_app_paths=["/ws/", "/chat"])
+    assert result.returncode == 0, result.stderr
+    site = (nginx_prefix / "sites-enabled" / "wsfleet.conf").read_text()
+    assert "location /ws/ {" in site
+    assert "location /chat {" in site
+    assert re.search(r"location / \{\s+return 404;", site)
+
+
 def test_nginx_rejects_a_bad_rate(nginx_prefix: Path) -> None:
     """The check is real: a rate nginx cannot read fails nginx -t."""
     result = nginx_check(nginx_prefix, nginx_limit_req_rate="lots")
@@ -102,9 +112,14 @@ def test_site_proxies_websockets_with_upgrade_headers(nginx_prefix: Path) -> Non
     assert "proxy_set_header Upgrade $http_upgrade;" in site
     assert "proxy_set_header Connection $connection_upgrade;" in site
     assert re.findall(r"server 127\.0\.0\.1:(\d+)", site) == ["8001", "8002", "8003"]
+    assert "non_idempotent" not in site
+    assert "location = /metrics {\n        return 404;" in site
     main = render("etc/nginx/nginx.conf.j2", variables)
     assert "ssl_protocols TLSv1.2 TLSv1.3;" in main
+    assert "ssl_prefer_server_ciphers off;" in main
+    assert "ssl_session_tickets off;" in main
     assert "server_tokens off;" in main
+    assert "worker_connections 40512;" in main  # two per proxied WebSocket
 
 
 @pytest.fixture
@@ -161,6 +176,13 @@ def test_app_unit_exposure_is_at_most_1_5(unit_root: Path) -> None:
     score = re.search(r"Overall exposure level for wsapp@8001\.service: ([\d.]+)", result.stdout)
     assert score, result.stdout + result.stderr
     assert float(score[1]) <= 1.5
+    # --threshold counts in tenths (15 is 1.5): the exit status says the same.
+    threshold = subprocess.run(
+        ["systemd-analyze", "security", "--offline=true", "--threshold=15", f"--root={unit_root}",
+         "--no-pager", "wsapp@8001.service"],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert threshold.returncode == 0, threshold.stdout
 
 
 def test_site_yml_passes_syntax_check() -> None:

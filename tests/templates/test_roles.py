@@ -1,0 +1,54 @@
+"""The roles' variables: defaults, argument specs and the example inventory agree."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+ROLES = ["app", "nginx", "tls"]
+
+
+def defaults(role: str) -> dict[str, object]:
+    return yaml.safe_load((REPO / "roles" / role / "defaults/main.yml").read_text())
+
+
+def spec(role: str) -> dict[str, dict[str, object]]:
+    text = (REPO / "roles" / role / "meta/argument_specs.yml").read_text()
+    return yaml.safe_load(text)["argument_specs"]["main"]["options"]
+
+
+@pytest.mark.parametrize("role", ROLES)
+def test_argument_spec_matches_the_defaults_exactly(role: str) -> None:
+    """Every default has a described spec entry with the same default, and nothing more."""
+    found, specified = defaults(role), spec(role)
+    assert sorted(specified) == sorted(found)
+    for name, value in found.items():
+        assert specified[name].get("default") == value, name
+        assert specified[name].get("description"), name
+
+
+@pytest.mark.parametrize("role", ROLES)
+def test_variables_are_prefixed_and_documented(role: str) -> None:
+    """Each default is named <role>_... and has a comment above it or its group."""
+    lines = (REPO / "roles" / role / "defaults/main.yml").read_text().splitlines()
+    for number, line in enumerate(lines):
+        name = re.match(r"^([a-z_0-9]+):", line)
+        if name:
+            assert name[1].startswith(f"{role}_"), name[1]
+            above = next(
+                lines[n] for n in range(number - 1, -1, -1) if not re.match(r"^[a-z_]", lines[n])
+            )
+            assert above.startswith("#"), f"{name[1]} has no comment"
+
+
+def test_example_inventory_shows_every_variable() -> None:
+    """inventories/example lists every role variable, set or commented with its default."""
+    text = (REPO / "inventories/example/group_vars/app_servers.yml").read_text()
+    yaml.safe_load(text)
+    shown = set(re.findall(r"^(?:# )?([a-z]+_[a-z_0-9]+):", text, re.MULTILINE))
+    missing = {name for role in ROLES for name in defaults(role)} - shown
+    assert not missing
