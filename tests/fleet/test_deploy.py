@@ -6,6 +6,7 @@ import asyncio
 import re
 import ssl
 import subprocess
+from pathlib import Path
 
 import pytest
 from websockets.asyncio.client import connect
@@ -101,6 +102,17 @@ def test_check_diff_shows_a_change_and_changes_nothing(fleet: Fleet, deployed: o
     assert on_host(host, "cat /etc/wsapp/wsapp.env") == before
 
 
+def test_check_diff_of_a_new_release_changes_nothing(fleet: Fleet, deployed: object) -> None:
+    """A new app_version under --check --diff shows its environment file; no host changes."""
+    state = (
+        "ls /opt/wsapp/releases; readlink /opt/wsapp/current; systemctl show -p MainPID wsapp@8001"
+    )
+    before = {host.name: on_host(host, state) for host in fleet.app_servers}
+    result = ansible_playbook("site.yml", "--check", "--diff", "-e", "app_version=9.9.9-check")
+    assert "+APP_VERSION=9.9.9-check" in result.stdout
+    assert {host.name: on_host(host, state) for host in fleet.app_servers} == before
+
+
 def test_scaling_instances_up_and_back_down(fleet: Fleet, deployed: object) -> None:
     """app_instances 2 → 4 → 2: exactly those units run and nginx's upstream matches."""
     for count in (2, 4, 2):
@@ -118,17 +130,21 @@ def test_scaling_instances_up_and_back_down(fleet: Fleet, deployed: object) -> N
 @pytest.mark.parametrize(
     ("extra", "named"),
     [
-        ("app_instances=0", "app_instances"),
-        ("app_base_port=70000", "app_base_port"),
-        ("app_handler=nosuch.module:handler", "app_handler"),
-        ("app_compression=brotli", "app_compression"),
+        (["app_instances=0"], "app_instances"),
+        (["app_base_port=70000"], "app_base_port"),
+        (["app_base_port=65535", "app_instances=2"], "app_instances"),
+        (["app_handler=nosuch.module:handler"], "app_handler"),
+        (["app_handler=app.handlers:nosuch"], "app_handler"),
+        (["app_compression=brotli"], "app_compression"),
+        (['{"nginx_app_paths": ["ws"]}'], "nginx_app_paths"),
     ],
 )
 def test_bad_variables_fail_before_any_change(
-    fleet: Fleet, deployed: object, extra: str, named: str
+    fleet: Fleet, deployed: object, extra: list[str], named: str
 ) -> None:
     """A bad variable stops the play at its start, naming the variable; no host changes."""
-    result = ansible_playbook("site.yml", "-e", extra, check=False)
+    options = [arg for value in extra for arg in ("-e", value)]
+    result = ansible_playbook("site.yml", *options, check=False)
     assert result.returncode != 0
     assert named in result.stdout
     recap = parse_recap(result.stdout)
@@ -136,12 +152,10 @@ def test_bad_variables_fail_before_any_change(
 
 
 def test_certificate_not_matching_its_key_fails_first(
-    fleet: Fleet, deployed: object, tmp_path: object
+    fleet: Fleet, deployed: object, tmp_path: Path
 ) -> None:
     """tls_cert_file with another key's tls_key_file fails before any change, naming both."""
-    from pathlib import Path
-
-    folder = Path(str(tmp_path))
+    folder = tmp_path
     for name in ("one", "two"):
         subprocess.run(
             ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
