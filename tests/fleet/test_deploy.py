@@ -151,6 +151,16 @@ def test_bad_variables_fail_before_any_change(
     assert all(counts["changed"] == 0 for counts in recap.values()), recap
 
 
+@pytest.mark.parametrize("tags", ["preflight", "configure", "service"])
+def test_preflight_runs_whatever_the_tags(fleet: Fleet, deployed: object, tags: str) -> None:
+    """--tags of one phase still checks every variable first (and that phase runs clean)."""
+    bad = ansible_playbook("site.yml", "--tags", tags, "-e", "app_instances=0", check=False)
+    assert bad.returncode != 0
+    assert "app_instances must be at least 1" in bad.stdout
+    recap = parse_recap(ansible_playbook("site.yml", "--tags", tags).stdout)
+    assert all(counts["changed"] == 0 for counts in recap.values()), recap
+
+
 def test_certificate_not_matching_its_key_fails_first(
     fleet: Fleet, deployed: object, tmp_path: Path
 ) -> None:
