@@ -127,6 +127,35 @@ def test_scaling_instances_up_and_back_down(fleet: Fleet, deployed: object) -> N
     assert "wsapp@8003" not in listed
 
 
+def test_socket_activation_switches_on_and_off(fleet: Fleet, deployed: object) -> None:
+    """app_socket_activation on a running host: systemd holds each port; off again: it does not."""
+    host = fleet.app_servers[0]
+    sockets = "systemctl list-units --all --plain --no-legend 'wsapp@*.socket'"
+    try:
+        for _ in range(2):  # the second run changes nothing
+            result = ansible_playbook(
+                "site.yml", "--limit", host.name, "-e", '{"app_socket_activation": true}'
+            )
+        assert parse_recap(result.stdout)[host.name]["changed"] == 0
+        assert sorted(
+            map(int, re.findall(r"wsapp@(\d+)\.socket +loaded +active", on_host(host, sockets)))
+        ) == [8001, 8002]
+        assert "systemd" in on_host(host, "ss -ltnpH 'sport = :8001'")
+        assert active_instances(host) == [8001, 8002]
+        assert asyncio.run(round_trip(host.address, ca_file(), "via socket")) == "via socket"
+    finally:
+        ansible_playbook("site.yml", "--limit", host.name)
+    assert on_host(host, sockets) == ""
+    assert (
+        on_host(
+            host, "ls /etc/systemd/system/sockets.target.wants/ | grep -c wsapp || true"
+        ).strip()
+        == "0"
+    )
+    assert active_instances(host) == [8001, 8002]
+    assert asyncio.run(round_trip(host.address, ca_file(), "bound itself")) == "bound itself"
+
+
 @pytest.mark.parametrize(
     ("extra", "named"),
     [
