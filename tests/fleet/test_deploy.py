@@ -162,6 +162,7 @@ def test_socket_activation_switches_on_and_off(fleet: Fleet, deployed: object) -
         (["app_instances=0"], "app_instances"),
         (["app_base_port=70000"], "app_base_port"),
         (["app_base_port=65535", "app_instances=2"], "app_instances"),
+        (["app_base_port=442", "app_instances=2"], "nginx_https_port"),
         (["app_handler=nosuch.module:handler"], "app_handler"),
         (["app_handler=app.handlers:nosuch"], "app_handler"),
         (["app_compression=brotli"], "app_compression"),
