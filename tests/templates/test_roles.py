@@ -45,6 +45,13 @@ def test_variables_are_prefixed_and_documented(role: str) -> None:
             assert above.startswith("#"), f"{name[1]} has no comment"
 
 
+def test_default_app_version_is_the_pyproject_version() -> None:
+    """app_version's default follows the version the app's wheel is built with."""
+    version = re.search(r'^version = "([^"]+)"', (REPO / "pyproject.toml").read_text(), re.M)
+    assert version
+    assert defaults("app")["app_version"] == version[1]
+
+
 def test_example_inventory_shows_every_variable() -> None:
     """inventories/example lists every role variable, set or commented with its default."""
     text = (REPO / "inventories/example/group_vars/app_servers.yml").read_text()
