@@ -212,19 +212,27 @@ def test_certificate_not_matching_its_key_fails_first(
     assert all(c["changed"] == 0 for c in parse_recap(result.stdout).values())
 
 
-def test_config_nginx_rejects_leaves_the_old_one_serving(fleet: Fleet, deployed: object) -> None:
-    """A variable nginx rejects fails the play; the live config and service are untouched."""
+@pytest.mark.parametrize(
+    ("extra", "says"),
+    [
+        ("nginx_limit_req_rate=lots", "invalid rate"),  # the site
+        ("nginx_worker_processes=lots", '"worker_processes" directive invalid value'),  # nginx.conf
+    ],
+)
+def test_config_nginx_rejects_leaves_the_old_one_serving(
+    fleet: Fleet, deployed: object, extra: str, says: str
+) -> None:
+    """A variable nginx rejects fails the play; the live config and nginx are untouched."""
     host = fleet.app_servers[0]
-    before = on_host(
-        host, "sha256sum /etc/nginx/sites-available/wsfleet.conf /etc/nginx/nginx.conf"
+    state = (
+        "sha256sum /etc/nginx/sites-available/wsfleet.conf /etc/nginx/nginx.conf;"
+        " systemctl show -p MainPID nginx; nginx -t -q && echo config ok"
     )
-    result = ansible_playbook("site.yml", "-e", "nginx_limit_req_rate=lots", check=False)
+    before = on_host(host, state)
+    result = ansible_playbook("site.yml", "-e", extra, check=False)
     assert result.returncode != 0
-    assert "invalid rate" in result.stdout
-    assert (
-        on_host(host, "sha256sum /etc/nginx/sites-available/wsfleet.conf /etc/nginx/nginx.conf")
-        == before
-    )
+    assert says in result.stdout
+    assert on_host(host, state) == before
     assert on_host(host, "systemctl is-active nginx").strip() == "active"
     reply = asyncio.run(round_trip(host.address, ca_file(), "still serving"))
     assert reply == "still serving"
