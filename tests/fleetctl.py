@@ -46,11 +46,15 @@ HOSTS_DIR = STATE / "hosts"
 SSH_DIR = STATE / "ssh"
 INVENTORY = REPO / "inventories" / "demo" / "hosts.yml"
 
-BRIDGE = "wsf0"
-NETWORK = ipaddress.ip_network("10.213.0.0/24")
-GATEWAY = "10.213.0.1"
+# WSFLEET_FLEET=N (1..9) gives a second checkout its own bridge, subnet and host names,
+# so two fleets can run side by side on one machine; 0, the default, is the one below.
+FLEET = int(os.environ.get("WSFLEET_FLEET", "0") or 0)
+BRIDGE = f"wsf{FLEET}"
+NETWORK = ipaddress.ip_network(f"10.213.{FLEET}.0/24")
+GATEWAY = str(NETWORK[1])
+NAME = "fleet" if FLEET == 0 else f"fl{FLEET}-"  # host names; veth links are vb-<name>
 FIRST_APP_HOST = 11  # fleet1 is 10.213.0.11, fleet2 .12, ...
-LB_HOST = 10  # fleet-lb, when asked for, is 10.213.0.10
+LB_HOST = 10  # fleetlb, when asked for, is 10.213.0.10
 
 SUITE = "bookworm"
 MIRROR = "http://deb.debian.org/debian"
@@ -136,11 +140,11 @@ def plan(hosts: int, lb: bool) -> tuple[FleetHost, ...]:
     if not 1 <= hosts <= 9:
         raise FleetError(f"--hosts must be between 1 and 9, got {hosts}")
     planned = [
-        FleetHost(f"fleet{i}", str(NETWORK[FIRST_APP_HOST + i - 1]), ("app_servers",))
+        FleetHost(f"{NAME}{i}", str(NETWORK[FIRST_APP_HOST + i - 1]), ("app_servers",))
         for i in range(1, hosts + 1)
     ]
     if lb:
-        planned.insert(0, FleetHost("fleet-lb", str(NETWORK[LB_HOST]), ("load_balancers",)))
+        planned.insert(0, FleetHost(f"{NAME}lb", str(NETWORK[LB_HOST]), ("load_balancers",)))
     return tuple(planned)
 
 
@@ -592,7 +596,7 @@ def leftovers() -> list[str]:
     links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True, check=False)
     for line in links.stdout.splitlines():
         link = line.split(":")[1].strip().split("@")[0]
-        if link == BRIDGE or link.startswith("vb-fleet"):
+        if link == BRIDGE or link.startswith(f"vb-{NAME}"):
             found.append(f"link {link}")
     return found
 

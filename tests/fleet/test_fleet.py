@@ -70,7 +70,8 @@ def test_up_heals_a_host_whose_nspawn_was_killed(fleet: fleetctl.Fleet) -> None:
 
 def test_a_host_that_fails_to_boot_is_named_with_its_journal(fleet: fleetctl.Fleet) -> None:
     """A host whose boot ends degraded is named, with its failed unit and journal tail."""
-    broken = fleetctl.FleetHost("fleet9", "10.213.0.19", ("app_servers",))
+    name = f"{fleetctl.NAME}9"
+    broken = fleetctl.FleetHost(name, str(fleetctl.NETWORK[19]), ("app_servers",))
     key = (fleetctl.SSH_DIR / "id_ed25519.pub").read_text()
     try:
         fleetctl.prepare_host(broken, key)
@@ -84,12 +85,12 @@ def test_a_host_that_fails_to_boot_is_named_with_its_journal(fleet: fleetctl.Fle
         with pytest.raises(fleetctl.FleetError) as failure:
             fleetctl.wait_running(broken, time.monotonic() + 60)
         message = str(failure.value)
-        assert message.startswith("fleet9 did not come up (systemd says 'degraded')")
+        assert message.startswith(f"{name} did not come up (systemd says 'degraded')")
         assert "broken-on-boot.service" in message
         assert "journal tail:" in message
     finally:
         fleetctl.stop_host(broken.name, fleetctl.host_pid(broken))
-    assert not any("fleet9" in item for item in fleetctl.leftovers())
+    assert not any(name in item for item in fleetctl.leftovers())
 
 
 def test_up_without_root_says_so_and_touches_nothing(fleet: fleetctl.Fleet) -> None:
