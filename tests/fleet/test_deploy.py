@@ -113,6 +113,25 @@ def test_check_diff_of_a_new_release_changes_nothing(fleet: Fleet, deployed: obj
     assert {host.name: on_host(host, state) for host in fleet.app_servers} == before
 
 
+def test_check_mode_of_a_first_install_changes_nothing(
+    fleet: Fleet, deployed: object, tmp_path: Path
+) -> None:
+    """--check for an app never installed, with a CA not yet made, succeeds and creates nothing."""
+    ca_dir = tmp_path / "ca"
+    result = ansible_playbook(
+        "site.yml", "--check", "--diff", "-e", "app_name=wsfirst", "-e", f"tls_ca_dir={ca_dir}"
+    )
+    assert "+APP_HANDLER=" in result.stdout
+    assert not ca_dir.exists()
+    for host in fleet.app_servers:
+        assert (
+            on_host(host, "ls /opt /etc/systemd/system; getent passwd wsfirst || true").count(
+                "wsfirst"
+            )
+            == 0
+        ), host.name
+
+
 def test_scaling_instances_up_and_back_down(fleet: Fleet, deployed: object) -> None:
     """app_instances 2 → 4 → 2: exactly those units run and nginx's upstream matches."""
     for count in (2, 4, 2):
