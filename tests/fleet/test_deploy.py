@@ -184,6 +184,8 @@ def test_socket_activation_switches_on_and_off(fleet: Fleet, deployed: object) -
         (["app_base_port=442", "app_instances=2"], "nginx_https_port"),
         (["app_handler=nosuch.module:handler"], "app_handler"),
         (["app_handler=app.handlers:nosuch"], "app_handler"),
+        # Found by the preflight's reading of the source, refused by the import in the release.
+        (["app_handler=app.handlers:annotations"], "app_handler"),
         (["app_compression=brotli"], "app_compression"),
         (['{"nginx_app_paths": ["ws"]}'], "nginx_app_paths"),
     ],
