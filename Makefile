@@ -22,6 +22,7 @@ help:
 	@echo "make demo-down  remove the local fleet"
 	@echo "make test       lint, unit, template and fleet tests (installs what it needs)"
 	@echo "make lint       ruff, mypy --strict, yamllint, ansible-lint"
+	@echo "make bench      capacity figures on the local fleet; report in bench/out/"
 
 apt-deps:
 	@missing=""; for p in $(APT_PACKAGES); do \
@@ -60,6 +61,15 @@ test-fleet: apt-deps venv
 # hosts up for the session and take them down at its end (also when a test fails).
 test: apt-deps venv lint
 	$(BIN)/pytest
+
+$(BIN)/.bench-installed: requirements/bench.txt $(BIN)/.installed
+	$(BIN)/pip install -q --disable-pip-version-check -r requirements/bench.txt
+	touch $@
+
+# Figures to size a fleet with, measured through site.yml on the local fleet (the first
+# host; one is booted when no fleet is up): bench/fleet_bench.py says what and how.
+bench: apt-deps venv $(BIN)/.bench-installed
+	$(BIN)/python -m bench.fleet_bench
 
 fleet-up: apt-deps venv
 	$(BIN)/python -m tests.fleetctl up --hosts $(HOSTS)

@@ -53,6 +53,74 @@ def test_sslyze_says_mozilla_intermediate_compliant(
     assert scan["tls_1_3_cipher_suites"]["result"]["accepted_cipher_suites"]
 
 
+def openssl(*args: str) -> None:
+    subprocess.run(["openssl", *args], check=True, capture_output=True)
+
+
+@pytest.fixture
+def modern_with_own_certificate(
+    fleet: fleetctl.Fleet, deployed: object, tmp_path: Path
+) -> Iterator[tuple[fleetctl.FleetHost, Path]]:
+    """The last host on the modern profile, serving an operator's certificate that names an
+    OCSP responder (issued here by a CA of the test); afterwards back to the demo's.
+
+    Yields the host and the CA file that verifies its certificate.
+    """
+    host = fleet.app_servers[-1]
+    ca_key, ca_crt = tmp_path / "ca.key", tmp_path / "ca.crt"
+    key, csr, crt, chain = (tmp_path / f"server.{ext}" for ext in ("key", "csr", "crt", "pem"))
+    ec = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes")
+    openssl("req", "-x509", *ec, "-subj", "/CN=test operator CA", "-days", "2",
+            "-keyout", str(ca_key), "-out", str(ca_crt))  # fmt: skip
+    openssl("req", "-new", *ec, "-subj", f"/CN={host.address}", "-keyout", str(key),
+            "-out", str(csr))  # fmt: skip
+    # The responder's address answers nothing: nginx tries, fails, and serves unstapled.
+    extensions = tmp_path / "ext.cnf"
+    extensions.write_text(
+        f"subjectAltName=IP:{host.address}\n"
+        f"authorityInfoAccess=OCSP;URI:http://{fleetctl.GATEWAY}:9/\n"
+        "extendedKeyUsage=serverAuth\n"
+    )
+    openssl("x509", "-req", "-in", str(csr), "-CA", str(ca_crt), "-CAkey", str(ca_key),
+            "-days", "2", "-extfile", str(extensions), "-out", str(crt))  # fmt: skip
+    chain.write_text(crt.read_text() + ca_crt.read_text())
+    ansible_playbook(
+        "site.yml", "--limit", host.name, "-e", "nginx_tls_profile=modern",
+        "-e", f"tls_cert_file={chain}", "-e", f"tls_key_file={key}",
+    )  # fmt: skip
+    try:
+        yield host, ca_crt
+    finally:
+        ansible_playbook("site.yml", "--limit", host.name)
+
+
+def test_modern_profile_and_ocsp_stapling_of_an_own_certificate(
+    modern_with_own_certificate: tuple[fleetctl.FleetHost, Path], tmp_path: Path
+) -> None:
+    """nginx_tls_profile=modern: sslyze's modern check passes, TLS 1.2 is refused; the
+    operator's certificate names a responder, so nginx staples."""
+    host, ca = modern_with_own_certificate
+    report = tmp_path / "modern.json"
+    result = sslyze(
+        host.address, "--mozilla_config=modern", f"--certinfo_ca_file={ca}",
+        f"--json_out={report}",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert "OK - Compliant." in result.stdout
+    scan = json.loads(report.read_text())["server_scan_results"][0]["scan_result"]
+    assert scan["tls_1_2_cipher_suites"]["result"]["accepted_cipher_suites"] == []
+    site = host.ssh("cat /etc/nginx/sites-enabled/wsfleet.conf").stdout
+    assert "ssl_stapling on;" in site
+    assert asyncio.run(round_trip(host.address, ca, "modern")) == "modern"
+
+
+def test_the_private_ca_certificate_is_not_stapled(fleet: fleetctl.Fleet, deployed: object) -> None:
+    """The demo's certificates name no OCSP responder: no stapling configured."""
+    site = fleet.app_servers[0].ssh("cat /etc/nginx/sites-enabled/wsfleet.conf").stdout
+    assert "ssl_certificate " in site
+    assert "ssl_stapling" not in site
+
+
 def test_plain_http_redirects_to_https_but_health_answers(
     fleet: fleetctl.Fleet, deployed: object
 ) -> None:

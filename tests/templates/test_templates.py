@@ -87,6 +87,20 @@ def test_nginx_accepts_the_rendered_configuration(nginx_prefix: Path, profile: s
     assert "syntax is ok" in result.stderr
 
 
+def test_ocsp_stapling_only_when_asked(nginx_prefix: Path) -> None:
+    """No stapling by default (no responder); on, nginx -t takes it, with a resolver."""
+    assert nginx_check(nginx_prefix).returncode == 0
+    site = nginx_prefix / "sites-enabled" / "wsfleet.conf"
+    assert "ssl_stapling" not in site.read_text()
+    result = nginx_check(
+        nginx_prefix, tls_ocsp_responder="http://ocsp.example.test/", nginx_resolver=["127.0.0.1"]
+    )
+    assert result.returncode == 0, result.stderr
+    assert "ssl_stapling on;" in site.read_text()
+    assert "ssl_stapling_verify on;" in site.read_text()
+    assert "resolver 127.0.0.1;" in site.read_text()
+
+
 def test_nginx_accepts_restricted_app_paths(nginx_prefix: Path) -> None:
     """nginx_app_paths other than "/": those prefixes proxy, any other path answers 404."""
     result = nginx_check(nginx_prefix, nginx_app_paths=["/ws/", "/chat"])

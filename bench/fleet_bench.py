@@ -1,0 +1,506 @@
+"""`make bench`: figures to size a fleet with, measured on the local fleet through site.yml.
+
+    .venv/bin/python -m bench.fleet_bench [--idle 20000] [--seconds 5] [--out bench/out]
+
+Deploys site.yml to the first host of the local fleet (booting one host when no fleet is
+up) with bench/vars.yml over the demo settings, then measures, each pair side by side in
+this one run, from clients outside the host (bench/loadgen.py):
+
+1. idle wss connections ramped to --idle with N=2: memory per connection of the app
+   instances and of nginx, with permessage-deflate negotiated and without;
+2. echo at fixed offered loads of 64 B and 16 KiB messages with N=1: straight to the
+   instance's port vs through nginx+TLS on the same host (rate, p50/p99 latency), and the
+   most each path carries;
+3. new wss connections per second through nginx+TLS, with p50/p99 handshake latency;
+4. N=1 vs N=2 processes: handshakes/s and 64 B echo through nginx+TLS.
+
+Prints one ``ratio <what>: <value>`` line per pair and writes report.md and PNG plots to
+--out. Leaves the host as the demo deploys it (or takes down the fleet it booted).
+The clients share the machine's cores with the host: every figure comes with the CPU the
+clients, the app and nginx used, so a saturated client is not read as a slow server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import resource
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bench import loadgen
+from bench.loadgen import Result
+from tests import fleetctl
+from tests.demo import ca_file
+from tests.fleet.helpers import REPO, ansible_playbook
+
+VARS = REPO / "bench" / "vars.yml"
+APP = "wsapp"  # app_name of the demo inventory
+BASE_PORT = 8001
+# Offered loads (messages/s over all connections), from light to past what one 2-core
+# host carries through nginx+TLS, so the plots show where latency turns up.
+LOADS = {64: [1000, 3000, 6000, 10000], 16 * 1024: [500, 1500, 3000]}
+ECHO_CONNECTIONS = 32
+WORKERS = 2  # client processes for echo and handshakes: as many as the machine has cores
+IDLE_WORKERS = 4  # the ramp is TLS-handshake bound on the client side
+SATURATED = 0.9  # share of a core past which a client process is said to be the limit
+
+# Per process on the host: PID, resident KiB, user+system clock ticks.
+SAMPLE = r"""
+units=$(systemctl list-units --plain --no-legend --state=running '{app}@*.service')
+for u in $(echo "$units" | cut -d' ' -f1); do
+  p=$(systemctl show -p MainPID --value "$u")
+  echo "app $p $(awk '/^VmRSS/{{print $2}}' /proc/$p/status) $(cut -d' ' -f14,15 /proc/$p/stat)"
+done
+for p in $(pgrep -x nginx); do
+  echo "nginx $p $(awk '/^VmRSS/{{print $2}}' /proc/$p/status) $(cut -d' ' -f14,15 /proc/$p/stat)"
+done
+"""
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+@dataclass
+class Sample:
+    """The app instances' and nginx's memory (KiB) and CPU (s) on the host, at one moment."""
+
+    at: float
+    rss: dict[str, int]
+    cpu: dict[str, float]
+
+    def cpu_share(self, later: Sample) -> dict[str, float]:
+        """CPU used between this sample and ``later``, in cores, per kind."""
+        wall = later.at - self.at
+        return {kind: (later.cpu[kind] - self.cpu[kind]) / wall for kind in self.cpu}
+
+
+def sample(host: fleetctl.FleetHost) -> Sample:
+    result = host.ssh(SAMPLE.format(app=APP))
+    rss = {"app": 0, "nginx": 0}
+    cpu = {"app": 0.0, "nginx": 0.0}
+    for line in result.stdout.splitlines():
+        kind, _pid, kib, utime, stime = line.split()
+        rss[kind] += int(kib)
+        cpu[kind] += (int(utime) + int(stime)) / TICKS
+    if not rss["app"] or not rss["nginx"]:
+        raise RuntimeError(
+            f"no app or nginx process on {host.name}: {result.stdout}{result.stderr}"
+        )
+    return Sample(time.monotonic(), rss, cpu)
+
+
+def open_connections(host: fleetctl.FleetHost, instances: int) -> list[int]:
+    """Each instance's open connections, from its /healthz."""
+    counts = []
+    for port in range(BASE_PORT, BASE_PORT + instances):
+        with urllib.request.urlopen(f"http://{host.address}:{port}/healthz", timeout=10) as r:
+            counts.append(int(json.load(r)["connections"]))
+    return counts
+
+
+def wait_until_idle(host: fleetctl.FleetHost, instances: int, deadline: float = 120.0) -> None:
+    """Wait (bounded) until the instances hold no connection: runs must not overlap."""
+    end = time.monotonic() + deadline
+    while sum(counts := open_connections(host, instances)) > 0:
+        if time.monotonic() > end:
+            raise RuntimeError(f"connections still open after {deadline:.0f} s: {counts}")
+        time.sleep(0.5)
+
+
+def deploy(host: fleetctl.FleetHost, instances: int) -> float:
+    started = time.monotonic()
+    ansible_playbook(
+        "site.yml", "--limit", host.name, "-e", f"@{VARS}", "-e", f"app_instances={instances}"
+    )
+    return time.monotonic() - started
+
+
+def client_note(result: Result) -> str:
+    busiest = max(result.client_cpu, default=0.0)
+    flag = " CLIENT-BOUND" if busiest > SATURATED else ""
+    errors = f", errors {result.errors}" if result.errors else ""
+    return f"busiest client process {busiest:.0%} of a core{flag}{errors}"
+
+
+# --- scenarios --------------------------------------------------------------------------------
+
+
+def echo_runs(host: fleetctl.FleetHost, ca: Path, seconds: float) -> dict[str, Any]:
+    """Scenario 2 (N=1): direct vs nginx+TLS at each offered load, and the most of each."""
+    targets = {
+        "direct": (f"ws://{host.address}:{BASE_PORT}/", None),
+        "nginx+TLS": (f"wss://{host.address}/", str(ca)),
+    }
+    runs: dict[str, Any] = {"loads": [], "max": {}}
+    for size, loads in LOADS.items():
+        for name, (url, ca_arg) in targets.items():
+            before = sample(host)
+            result = loadgen.in_workers(
+                loadgen.echo_closed_loop,
+                lambda _i, u=url, c=ca_arg, s=size: (u, c, s, seconds, ECHO_CONNECTIONS // WORKERS),
+                WORKERS,
+                timeout=seconds + 120,
+            )
+            server = before.cpu_share(sample(host))
+            runs["max"][(name, size)] = (result, server)
+            print(
+                f"echo {size:>5} B most  {name:<9}: {result.rate:>8,.0f} msg/s, "
+                f"p50 {result.quantile(0.5):6.2f} ms, p99 {result.quantile(0.99):7.2f} ms; "
+                f"app {server['app']:.2f} cores, nginx {server['nginx']:.2f}; "
+                f"{client_note(result)}"
+            )
+            for load in loads:
+                before = sample(host)
+                result = loadgen.in_workers(
+                    loadgen.echo_at_rate,
+                    lambda _i, u=url, c=ca_arg, s=size, r=load: (
+                        u,
+                        c,
+                        s,
+                        r / WORKERS,
+                        seconds,
+                        ECHO_CONNECTIONS // WORKERS,
+                    ),
+                    WORKERS,
+                    timeout=seconds + 120,
+                )
+                server = before.cpu_share(sample(host))
+                runs["loads"].append((name, size, load, result, server))
+                print(
+                    f"echo {size:>5} B {load:>6}/s {name:<9}: {result.rate:>8,.0f} msg/s, "
+                    f"p50 {result.quantile(0.5):6.2f} ms, p99 {result.quantile(0.99):7.2f} ms, "
+                    f"lost {result.failed}; app {server['app']:.2f} cores, "
+                    f"nginx {server['nginx']:.2f}; {client_note(result)}"
+                )
+    return runs
+
+
+def handshake_run(host: fleetctl.FleetHost, ca: Path, seconds: float, label: str) -> Result:
+    """Scenario 3: new wss connections back to back through nginx+TLS."""
+    before = sample(host)
+    result = loadgen.in_workers(
+        loadgen.handshakes,
+        lambda _i: (f"wss://{host.address}/", str(ca), seconds, 8),
+        WORKERS,
+        timeout=seconds + 120,
+    )
+    server = before.cpu_share(sample(host))
+    print(
+        f"handshakes {label}: {result.rate:>7,.0f}/s, p50 {result.quantile(0.5):6.2f} ms, "
+        f"p99 {result.quantile(0.99):7.2f} ms, refused {result.failed}; "
+        f"app {server['app']:.2f} cores, nginx {server['nginx']:.2f}; {client_note(result)}"
+    )
+    return result
+
+
+def idle_run(
+    host: fleetctl.FleetHost, ca: Path, target: int, compression: str | None, instances: int
+) -> dict[str, Any]:
+    """Scenario 1: ramp to ``target`` idle wss connections; memory per connection."""
+    wait_until_idle(host, instances)
+    before = sample(host)
+    opened = multiprocessing.Value("i", 0)
+    ramped = multiprocessing.Value("i", 0)
+    release = multiprocessing.Event()
+    measured: dict[str, Any] = {}
+
+    def at_target() -> None:
+        end = time.monotonic() + 600
+        while ramped.value < IDLE_WORKERS and time.monotonic() < end:
+            time.sleep(0.2)
+        measured["after"] = sample(host)
+        measured["per_instance"] = open_connections(host, instances)
+        release.set()
+
+    per_worker = target // IDLE_WORKERS
+    result = loadgen.in_workers(
+        loadgen.hold_idle,
+        lambda _i: (
+            f"wss://{host.address}/",
+            str(ca),
+            per_worker,
+            compression,
+            64,
+            opened,
+            ramped,
+            release,
+        ),
+        IDLE_WORKERS,
+        timeout=900,
+        while_running=at_target,
+    )
+    after: Sample = measured["after"]
+    held = max(result.done, 1)
+    kib = {kind: (after.rss[kind] - before.rss[kind]) / held for kind in after.rss}
+    name = compression or "none"
+    print(
+        f"idle {name:<7}: {result.done:,} open ({result.failed} refused) in "
+        f"{result.seconds:.0f} s ({result.rate:,.0f}/s), per instance {measured['per_instance']}; "
+        f"per connection: app {kib['app']:.1f} KiB, nginx {kib['nginx']:.1f} KiB; "
+        f"{client_note(result)}"
+    )
+    wait_until_idle(host, instances)
+    return {
+        "result": result,
+        "kib": kib,
+        "per_instance": measured["per_instance"],
+        "before": before,
+        "after": after,
+    }
+
+
+# --- report -----------------------------------------------------------------------------------
+
+
+def ratio(lines: list[str], what: str, value: float) -> None:
+    line = f"ratio {what}: {value:.2f}"
+    print(line)
+    lines.append(line)
+
+
+def plots(
+    out: Path,
+    echo: dict[str, Any],
+    idle: dict[str, Any],
+    hs: dict[int, Result],
+    most: dict[int, Result],
+) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    files = []
+    figure, axes = plt.subplots(1, len(LOADS), figsize=(11, 4.2))
+    for axis, size in zip(axes, LOADS, strict=True):
+        for name, style in (("direct", "tab:blue"), ("nginx+TLS", "tab:orange")):
+            rows = [r for r in echo["loads"] if r[0] == name and r[1] == size]
+            x = [r[2] for r in rows]
+            axis.plot(x, [r[3].quantile(0.5) for r in rows], "o-", color=style, label=f"{name} p50")
+            axis.plot(
+                x, [r[3].quantile(0.99) for r in rows], "s--", color=style, label=f"{name} p99"
+            )
+        axis.set_yscale("log")
+        axis.set_title(f"echo {size} B, N=1")
+        axis.set_xlabel("offered messages/s")
+        axis.set_ylabel("latency (ms)")
+        axis.grid(True, which="both", alpha=0.3)
+        axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(out / "echo_latency.png", dpi=110)
+    files.append("echo_latency.png")
+
+    figure, axis = plt.subplots(figsize=(6, 4))
+    names = list(idle)
+    app = [idle[n]["kib"]["app"] for n in names]
+    nginx = [idle[n]["kib"]["nginx"] for n in names]
+    axis.bar(names, app, label="app instances")
+    axis.bar(names, nginx, bottom=app, label="nginx")
+    axis.set_ylabel("KiB per idle connection")
+    axis.set_title(
+        f"memory per idle wss connection ({next(iter(idle.values()))['result'].done:,} open, N=2)"
+    )
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(out / "idle_memory.png", dpi=110)
+    files.append("idle_memory.png")
+
+    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for n, result in hs.items():
+        ordered = sorted(x * 1000 for x in result.latencies)
+        left.plot(ordered, [i / len(ordered) for i in range(len(ordered))], label=f"N={n}")
+    left.set_xscale("log")
+    left.set_xlabel("handshake latency (ms), TCP + TLS + upgrade")
+    left.set_ylabel("share of handshakes")
+    left.set_title("new wss connections through nginx+TLS")
+    left.grid(True, which="both", alpha=0.3)
+    left.legend()
+    labels = [f"N={n}" for n in hs]
+    width = 0.38
+    xs = range(len(labels))
+    right.bar([x - width / 2 for x in xs], [hs[n].rate for n in hs], width, label="handshakes/s")
+    right.bar(
+        [x + width / 2 for x in xs],
+        [most[n].rate / 10 for n in most],
+        width,
+        label="64 B echo msg/s ÷ 10",
+    )
+    right.set_xticks(list(xs), labels)
+    right.set_title("processes per host, through nginx+TLS")
+    right.legend()
+    figure.tight_layout()
+    figure.savefig(out / "processes.png", dpi=110)
+    files.append("processes.png")
+    plt.close("all")
+    return files
+
+
+def report(
+    out: Path,
+    context: dict[str, Any],
+    echo: dict[str, Any],
+    idle: dict[str, Any],
+    hs: dict[int, Result],
+    most: dict[int, Result],
+    ratios: list[str],
+) -> None:
+    files = plots(out, echo, idle, hs, most)
+    md = [
+        "# wsfleet benchmark",
+        "",
+        f"{context['when']}; controller {context['cpus']} CPUs, load average "
+        f"{context['load']:.2f} at start; host {context['host']} (systemd-nspawn on the same "
+        "machine: clients, nginx and the app share its cores). `make bench` wrote this.",
+        "",
+        "```",
+        *ratios,
+        "```",
+        "",
+        "## 1. Idle connections (N=2, through nginx+TLS)",
+        "",
+        "| client offers | open | refused | ramp /s | per instance "
+        "| app KiB/conn | nginx KiB/conn | total KiB/conn |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, run in idle.items():
+        r: Result = run["result"]
+        k = run["kib"]
+        md.append(
+            f"| {name} | {r.done:,} | {r.failed} | {r.rate:,.0f} | {run['per_instance']} | "
+            f"{k['app']:.1f} | {k['nginx']:.1f} | {k['app'] + k['nginx']:.1f} |"
+        )
+    md += [
+        "",
+        f"![idle memory]({files[1]})",
+        "",
+        "## 2. Echo, direct to the instance vs through nginx+TLS (N=1)",
+        "",
+        "| size | offered /s | path | achieved /s | p50 ms | p99 ms | lost "
+        "| app cores | nginx cores | busiest client |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, size, load, r, server in echo["loads"]:
+        md.append(
+            f"| {size} B | {load:,} | {name} | {r.rate:,.0f} | {r.quantile(0.5):.2f} | "
+            f"{r.quantile(0.99):.2f} | {r.failed} | {server['app']:.2f} | "
+            f"{server['nginx']:.2f} | {max(r.client_cpu):.0%} |"
+        )
+    for (name, size), (r, server) in echo["max"].items():
+        md.append(
+            f"| {size} B | most | {name} | {r.rate:,.0f} | {r.quantile(0.5):.2f} | "
+            f"{r.quantile(0.99):.2f} | {r.failed} | {server['app']:.2f} | "
+            f"{server['nginx']:.2f} | {max(r.client_cpu):.0%} |"
+        )
+    md += [
+        "",
+        f"![echo latency]({files[0]})",
+        "",
+        "## 3 and 4. New connections, and N=1 vs N=2 (through nginx+TLS)",
+        "",
+        "| N | handshakes/s | p50 ms | p99 ms | refused | 64 B echo most /s |",
+        "|---|---|---|---|---|---|",
+    ]
+    for n in hs:
+        md.append(
+            f"| {n} | {hs[n].rate:,.0f} | {hs[n].quantile(0.5):.2f} | "
+            f"{hs[n].quantile(0.99):.2f} | {hs[n].failed} | {most[n].rate:,.0f} |"
+        )
+    md += ["", f"![processes]({files[2]})", ""]
+    (out / "report.md").write_text("\n".join(md))
+    print(f"report: {out / 'report.md'}")
+
+
+# --- main -------------------------------------------------------------------------------------
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--idle", type=int, default=20000, help="idle connections to hold")
+    parser.add_argument("--seconds", type=float, default=5.0, help="length of each echo run")
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "out")
+    args = parser.parse_args()
+    # Every idle connection is a descriptor in some client process.
+    resource.setrlimit(resource.RLIMIT_NOFILE, (1 << 16, 1 << 16))
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    fleet = fleetctl.read_fleet()
+    booted = not (fleet.app_servers and fleetctl.host_pid(fleet.app_servers[0]))
+    if booted:
+        fleet = fleetctl.up(hosts=1)
+    host = fleet.app_servers[0]
+    context = {
+        "when": time.strftime("%Y-%m-%d %H:%M"),
+        "cpus": os.cpu_count(),
+        "load": os.getloadavg()[0],
+        "host": host.name,
+    }
+    ratios: list[str] = []
+    try:
+        print(f"deploy N=1 to {host.name}: {deploy(host, 1):.0f} s")
+        ca = ca_file()
+        echo = echo_runs(host, ca, args.seconds)
+        hs = {1: handshake_run(host, ca, args.seconds * 2, "N=1")}
+        most = {1: echo["max"][("nginx+TLS", 64)][0]}
+
+        print(f"deploy N=2 to {host.name}: {deploy(host, 2):.0f} s")
+        hs[2] = handshake_run(host, ca, args.seconds * 2, "N=2")
+        before = sample(host)
+        most[2] = loadgen.in_workers(
+            loadgen.echo_closed_loop,
+            lambda _i: (
+                f"wss://{host.address}/",
+                str(ca),
+                64,
+                args.seconds,
+                ECHO_CONNECTIONS // WORKERS,
+            ),
+            WORKERS,
+            timeout=args.seconds + 120,
+        )
+        server = before.cpu_share(sample(host))
+        print(
+            f"echo    64 B most  nginx+TLS N=2: {most[2].rate:>8,.0f} msg/s; app "
+            f"{server['app']:.2f} cores, nginx {server['nginx']:.2f}; {client_note(most[2])}"
+        )
+        idle = {
+            "none": idle_run(host, ca, args.idle, None, 2),
+            "deflate": idle_run(host, ca, args.idle, "deflate", 2),
+        }
+
+        for size in LOADS:
+            direct = echo["max"][("direct", size)][0].rate
+            ratio(
+                ratios,
+                f"echo {size} B msg/s nginx+TLS/direct (N=1)",
+                echo["max"][("nginx+TLS", size)][0].rate / direct,
+            )
+        total = {n: run["kib"]["app"] + run["kib"]["nginx"] for n, run in idle.items()}
+        ratio(
+            ratios,
+            "idle KiB per connection deflate/none (app+nginx)",
+            total["deflate"] / total["none"],
+        )
+        ratio(
+            ratios,
+            "idle KiB per connection nginx/app (none)",
+            idle["none"]["kib"]["nginx"] / idle["none"]["kib"]["app"],
+        )
+        ratio(ratios, "handshakes/s N=2/N=1", hs[2].rate / hs[1].rate)
+        ratio(ratios, "echo 64 B msg/s through nginx+TLS N=2/N=1", most[2].rate / most[1].rate)
+        report(args.out, context, echo, idle, hs, most, ratios)
+    finally:
+        if booted:
+            fleetctl.down()
+        else:
+            print(f"putting {host.name} back as the demo deploys it")
+            ansible_playbook("site.yml", "--limit", host.name)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
