@@ -70,7 +70,10 @@ def modern_with_own_certificate(
     ca_key, ca_crt = tmp_path / "ca.key", tmp_path / "ca.crt"
     key, csr, crt, chain = (tmp_path / f"server.{ext}" for ext in ("key", "csr", "crt", "pem"))
     ec = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes")
+    # The extensions a public CA's certificates carry: sslyze validates the path strictly.
     openssl("req", "-x509", *ec, "-subj", "/CN=test operator CA", "-days", "2",
+            "-addext", "basicConstraints=critical,CA:TRUE,pathlen:0",
+            "-addext", "keyUsage=critical,keyCertSign,cRLSign",
             "-keyout", str(ca_key), "-out", str(ca_crt))  # fmt: skip
     openssl("req", "-new", *ec, "-subj", f"/CN={host.address}", "-keyout", str(key),
             "-out", str(csr))  # fmt: skip
@@ -80,6 +83,10 @@ def modern_with_own_certificate(
         f"subjectAltName=IP:{host.address}\n"
         f"authorityInfoAccess=OCSP;URI:http://{fleetctl.GATEWAY}:9/\n"
         "extendedKeyUsage=serverAuth\n"
+        "basicConstraints=CA:FALSE\n"
+        "keyUsage=critical,digitalSignature\n"
+        "subjectKeyIdentifier=hash\n"
+        "authorityKeyIdentifier=keyid\n"
     )
     openssl("x509", "-req", "-in", str(csr), "-CA", str(ca_crt), "-CAkey", str(ca_key),
             "-days", "2", "-extfile", str(extensions), "-out", str(crt))  # fmt: skip
