@@ -45,7 +45,7 @@ APP = "wsapp"  # app_name of the demo inventory
 BASE_PORT = 8001
 # Offered loads (messages/s over all connections), from light to past what one 2-core
 # host carries through nginx+TLS, so the plots show where latency turns up.
-LOADS = {64: [1000, 3000, 6000, 10000], 16 * 1024: [500, 1500, 3000]}
+LOADS = {64: [2000, 8000, 16000, 24000], 16 * 1024: [1000, 3000, 6000, 9000]}
 ECHO_CONNECTIONS = 32
 WORKERS = 2  # client processes for echo and handshakes: as many as the machine has cores
 IDLE_WORKERS = 4  # the ramp is TLS-handshake bound on the client side
@@ -424,8 +424,15 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=5.0, help="length of each echo run")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "out")
     args = parser.parse_args()
-    # Every idle connection is a descriptor in some client process.
-    resource.setrlimit(resource.RLIMIT_NOFILE, (1 << 16, 1 << 16))
+    # Every idle connection is a descriptor in one of the client processes (a quarter of
+    # --idle each); they inherit this limit, raised as far as the machine lets.
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    if args.idle // IDLE_WORKERS + 1024 > hard:
+        parser.error(
+            f"--idle {args.idle} needs {args.idle // IDLE_WORKERS + 1024} descriptors "
+            f"per client process; the limit here is {hard}"
+        )
     args.out.mkdir(parents=True, exist_ok=True)
 
     fleet = fleetctl.read_fleet()

@@ -188,6 +188,7 @@ def test_socket_activation_switches_on_and_off(fleet: Fleet, deployed: object) -
         (["app_handler=app.handlers:annotations"], "app_handler"),
         (["app_compression=brotli"], "app_compression"),
         (['{"nginx_app_paths": ["ws"]}'], "nginx_app_paths"),
+        (["nginx_limit_conn_per_ip=100000"], "nginx_limit_conn_per_ip"),
     ],
 )
 def test_bad_variables_fail_before_any_change(

@@ -3,6 +3,7 @@ programs that read them on a host: `nginx -t` and `systemd-analyze` (no hosts ne
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import re
 import shutil
@@ -19,9 +20,19 @@ REPO = Path(__file__).resolve().parents[2]
 TEMPLATES = REPO / "templates"
 
 
+def host_facts(nofile: int = 524288) -> dict[str, Any]:
+    """What the roles read from a 2-CPU host whose processes may hold ``nofile`` files."""
+    limits = f"Limit  Soft Limit  Hard Limit  Units\nMax open files  {nofile}  {nofile}  files\n"
+    return {
+        "ansible_facts": {"processor_vcpus": 2},
+        "__nginx_unit_nofile": {"stdout": "524288"},
+        "__nginx_init_limits": {"content": base64.b64encode(limits.encode()).decode()},
+    }
+
+
 def role_vars(*roles: str, **overrides: Any) -> dict[str, Any]:
-    """Defaults and vars of the roles, as a play would see them (facts left out)."""
-    found: dict[str, Any] = {"ansible_managed": "Ansible managed"}
+    """Defaults and vars of the roles, as a play would see them on a 2-CPU host."""
+    found: dict[str, Any] = {"ansible_managed": "Ansible managed", **host_facts()}
     for role in roles:
         for part in ("defaults", "vars"):
             path = REPO / "roles" / role / part / "main.yml"
@@ -36,13 +47,15 @@ def render(template: str, variables: dict[str, Any]) -> str:
         undefined=jinja2.StrictUndefined, keep_trailing_newline=True, trim_blocks=True
     )
     env.filters.update(FilterModule().filters())
-    # Values that are themselves templates (e.g. app_limit_nofile) are rendered first.
+    # Values that are themselves templates (e.g. app_limit_nofile) are rendered first,
+    # as often as one refers to another.
     resolved = dict(variables)
-    for name, value in variables.items():
-        if isinstance(value, str) and "{{" in value:
-            # Facts, lookups and role_path are left out: the templates do not use them.
-            with contextlib.suppress(jinja2.UndefinedError):
-                resolved[name] = env.from_string(value).render(variables)
+    for _ in range(4):
+        for name, value in resolved.items():
+            if isinstance(value, str) and "{{" in value:
+                # Lookups and role_path are left out: the templates do not use them.
+                with contextlib.suppress(jinja2.UndefinedError):
+                    resolved[name] = env.from_string(value).render(resolved)
     return env.from_string((TEMPLATES / template).read_text()).render(resolved)
 
 
@@ -99,6 +112,22 @@ def test_ocsp_stapling_only_when_asked(nginx_prefix: Path) -> None:
     assert "ssl_stapling on;" in site.read_text()
     assert "ssl_stapling_verify on;" in site.read_text()
     assert "resolver 127.0.0.1;" in site.read_text()
+
+
+def test_workers_and_their_file_limit_fit_the_host(nginx_prefix: Path) -> None:
+    """worker_rlimit_nofile never above what the host allows; auto adds workers to fit."""
+    assert nginx_check(nginx_prefix).returncode == 0
+    conf = (nginx_prefix / "nginx.conf").read_text()
+    assert "worker_processes auto;" in conf
+    assert "worker_rlimit_nofile 41024;" in conf
+    result = nginx_check(nginx_prefix, **host_facts(nofile=20000))
+    assert result.returncode == 0, result.stderr
+    conf = (nginx_prefix / "nginx.conf").read_text()
+    assert "worker_rlimit_nofile 20000;" in conf
+    assert "worker_connections 20000;" in conf
+    assert "worker_processes 5;" in conf  # 4 x 20,000 descriptors over 18,976 a worker
+    result = nginx_check(nginx_prefix, nginx_worker_processes=3, **host_facts(nofile=20000))
+    assert "worker_processes 3;" in (nginx_prefix / "nginx.conf").read_text()
 
 
 def test_nginx_accepts_restricted_app_paths(nginx_prefix: Path) -> None:
