@@ -112,6 +112,34 @@ def wait_until_idle(host: fleetctl.FleetHost, instances: int, deadline: float = 
         time.sleep(0.5)
 
 
+FRESH = r"""
+systemctl restart '{app}@*.service' && systemctl reload nginx
+for i in $(seq 600); do
+  # [n]: the pattern must not match this shell's own command line.
+  pgrep -f 'nginx: worker process is shutting dow[n]' >/dev/null || exit 0
+  sleep 0.1
+done
+echo "old nginx workers still running" >&2; exit 1
+"""
+
+
+def fresh_processes(host: fleetctl.FleetHost, instances: int) -> None:
+    """New app and nginx processes, so one run's memory is not the baseline of the next
+    (neither Python nor nginx gives freed memory back); waits until they are ready."""
+    result = host.ssh(FRESH.format(app=APP))
+    if result.returncode != 0:
+        raise RuntimeError(f"could not renew the processes: {result.stderr}")
+    end = time.monotonic() + 60
+    while True:
+        try:
+            open_connections(host, instances)
+            return
+        except OSError:
+            if time.monotonic() > end:
+                raise
+            time.sleep(0.2)
+
+
 def deploy(host: fleetctl.FleetHost, instances: int) -> float:
     started = time.monotonic()
     ansible_playbook(
@@ -203,6 +231,7 @@ def idle_run(
 ) -> dict[str, Any]:
     """Scenario 1: ramp to ``target`` idle wss connections; memory per connection."""
     wait_until_idle(host, instances)
+    fresh_processes(host, instances)
     before = sample(host)
     opened = multiprocessing.Value("i", 0)
     ramped = multiprocessing.Value("i", 0)
