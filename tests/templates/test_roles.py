@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[2]
-ROLES = ["app", "nginx", "tls"]
+ROLES = ["app", "lb", "nginx", "tls"]
 
 
 def defaults(role: str) -> dict[str, object]:
@@ -54,8 +54,11 @@ def test_default_app_version_is_the_pyproject_version() -> None:
 
 def test_example_inventory_shows_every_variable() -> None:
     """inventories/example lists every role variable, set or commented with its default."""
-    text = (REPO / "inventories/example/group_vars/app_servers.yml").read_text()
-    yaml.safe_load(text)
+    text = ""
+    for group in ("app_servers", "load_balancers"):
+        part = (REPO / f"inventories/example/group_vars/{group}.yml").read_text()
+        yaml.safe_load(part)
+        text += part
     shown = set(re.findall(r"^(?:# )?([a-z]+_[a-z_0-9]+):", text, re.MULTILINE))
     missing = {name for role in ROLES for name in defaults(role)} - shown
     assert not missing

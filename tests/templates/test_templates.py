@@ -75,16 +75,24 @@ def nginx_prefix(tmp_path: Path) -> Path:
     return prefix
 
 
-def nginx_check(prefix: Path, **overrides: Any) -> subprocess.CompletedProcess[str]:
+def nginx_check(
+    prefix: Path, roles: tuple[str, ...] = ("nginx",), **overrides: Any
+) -> subprocess.CompletedProcess[str]:
     variables = role_vars(
-        "nginx",
-        nginx_upstream_ports=[8001, 8002],
-        nginx_tls_certificate=str(prefix / "test.crt"),
-        nginx_tls_certificate_key=str(prefix / "test.key"),
-        **overrides,
+        *roles,
+        **{
+            "nginx_upstream_ports": [8001, 8002],
+            "nginx_trusted_proxies": [],  # no inventory groups here
+            "nginx_tls_certificate": str(prefix / "test.crt"),
+            "nginx_tls_certificate_key": str(prefix / "test.key"),
+            **overrides,
+        },
     )
     (prefix / "nginx.conf").write_text(render("etc/nginx/nginx.conf.j2", variables))
-    site = render("etc/nginx/sites-available/wsfleet.conf.j2", variables)
+    if "lb" in roles:
+        backends = render("etc/nginx/wsfleet-backends.conf.j2", variables)
+        (prefix / "wsfleet-backends.conf").write_text(backends)
+    site = render(variables["nginx_site_template"], variables)
     (prefix / "sites-enabled" / "wsfleet.conf").write_text(site)
     return subprocess.run(
         ["nginx", "-t", "-c", str(prefix / "nginx.conf")],
@@ -128,6 +136,38 @@ def test_workers_and_their_file_limit_fit_the_host(nginx_prefix: Path) -> None:
     assert "worker_processes 5;" in conf  # 4 x 20,000 descriptors over 18,976 a worker
     result = nginx_check(nginx_prefix, nginx_worker_processes=3, **host_facts(nofile=20000))
     assert "worker_processes 3;" in (nginx_prefix / "nginx.conf").read_text()
+
+
+def test_load_balancer_site(nginx_prefix: Path) -> None:
+    """The balancer's site and its upstream pass nginx -t; a drained server is down."""
+    result = nginx_check(
+        nginx_prefix,
+        roles=("nginx", "lb"),
+        nginx_site_template="etc/nginx/sites-available/wsfleet-lb.conf.j2",
+        groups={"app_servers": ["ws1", "ws2"]},
+        hostvars={"ws1": {"ansible_host": "192.0.2.11"}, "ws2": {"ansible_host": "192.0.2.12"}},
+        lb_drained=["ws2"],
+        lb_backend_ca_file="system",  # a file nginx -t can read on this machine
+    )
+    assert result.returncode == 0, result.stderr
+    backends = (nginx_prefix / "wsfleet-backends.conf").read_text()
+    assert "server 192.0.2.11:443 max_fails=1 fail_timeout=5s;" in backends
+    assert "server 192.0.2.12:443 max_fails=1 fail_timeout=5s down;" in backends
+    site = (nginx_prefix / "sites-enabled" / "wsfleet.conf").read_text()
+    assert "proxy_pass https://wsfleet_backends;" in site
+    assert "proxy_ssl_verify on;" in site
+    assert "proxy_ssl_name wsfleet-backend.internal;" in site
+
+
+def test_app_site_believes_only_the_load_balancers(nginx_prefix: Path) -> None:
+    """With balancers, their X-Forwarded-For gives the client address (limits per client)."""
+    result = nginx_check(nginx_prefix, nginx_trusted_proxies=["192.0.2.10"])
+    assert result.returncode == 0, result.stderr
+    site = (nginx_prefix / "sites-enabled" / "wsfleet.conf").read_text()
+    assert "set_real_ip_from 192.0.2.10;" in site
+    assert "real_ip_header X-Forwarded-For;" in site
+    assert nginx_check(nginx_prefix).returncode == 0
+    assert "set_real_ip_from" not in (nginx_prefix / "sites-enabled" / "wsfleet.conf").read_text()
 
 
 def test_nginx_accepts_restricted_app_paths(nginx_prefix: Path) -> None:
