@@ -140,11 +140,13 @@ def fresh_processes(host: fleetctl.FleetHost, instances: int) -> None:
             time.sleep(0.2)
 
 
-def deploy(host: fleetctl.FleetHost, instances: int) -> float:
+def deploy(host: fleetctl.FleetHost, instances: int, extra: list[str]) -> float:
     started = time.monotonic()
+    options = [arg for value in extra for arg in ("-e", value)]
     ansible_playbook(
-        "site.yml", "--limit", host.name, "-e", f"@{VARS}", "-e", f"app_instances={instances}"
-    )
+        "site.yml", "--limit", host.name, "-e", f"@{VARS}", *options,
+        "-e", f"app_instances={instances}",
+    )  # fmt: skip
     return time.monotonic() - started
 
 
@@ -384,7 +386,8 @@ def report(
         "",
         f"{context['when']}; controller {context['cpus']} CPUs, load average "
         f"{context['load']:.2f} at start; host {context['host']} (systemd-nspawn on the same "
-        "machine: clients, nginx and the app share its cores). `make bench` wrote this.",
+        "machine: clients, nginx and the app share its cores). `make bench` wrote this; "
+        f"variables set over bench/vars.yml: {context['set']}.",
         "",
         "```",
         *ratios,
@@ -452,6 +455,10 @@ def main() -> int:
     parser.add_argument("--idle", type=int, default=20000, help="idle connections to hold")
     parser.add_argument("--seconds", type=float, default=5.0, help="length of each echo run")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "out")
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="VAR=VALUE",
+        help="a role variable for the deploys (ansible -e), to measure a tuning; repeatable",
+    )  # fmt: skip
     args = parser.parse_args()
     # Every idle connection is a descriptor in one of the client processes (a quarter of
     # --idle each); they inherit this limit, raised as far as the machine lets.
@@ -470,6 +477,7 @@ def main() -> int:
         fleet = fleetctl.up(hosts=1)
     host = fleet.app_servers[0]
     context = {
+        "set": " ".join(args.set) or "none",
         "when": time.strftime("%Y-%m-%d %H:%M"),
         "cpus": os.cpu_count(),
         "load": os.getloadavg()[0],
@@ -477,13 +485,13 @@ def main() -> int:
     }
     ratios: list[str] = []
     try:
-        print(f"deploy N=1 to {host.name}: {deploy(host, 1):.0f} s")
+        print(f"deploy N=1 to {host.name}: {deploy(host, 1, args.set):.0f} s")
         ca = ca_file()
         echo = echo_runs(host, ca, args.seconds)
         hs = {1: handshake_run(host, ca, args.seconds * 2, "N=1")}
         most = {1: echo["max"][("nginx+TLS", 64)][0]}
 
-        print(f"deploy N=2 to {host.name}: {deploy(host, 2):.0f} s")
+        print(f"deploy N=2 to {host.name}: {deploy(host, 2, args.set):.0f} s")
         hs[2] = handshake_run(host, ca, args.seconds * 2, "N=2")
         before = sample(host)
         most[2] = loadgen.in_workers(
