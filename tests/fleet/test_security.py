@@ -11,6 +11,7 @@ import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from websockets.asyncio.client import connect
@@ -31,6 +32,18 @@ def sslyze(target: str, *args: str) -> subprocess.CompletedProcess[str]:
     )  # fmt: skip
 
 
+def mozilla_check(address: str, profile: str, ca: Path, report: Path) -> dict[str, Any]:
+    """sslyze's check against Mozilla's ``profile``, which must say compliant; its scan."""
+    result = sslyze(
+        address, f"--mozilla_config={profile}", f"--certinfo_ca_file={ca}",
+        f"--json_out={report}",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert "OK - Compliant." in result.stdout
+    scan: dict[str, Any] = json.loads(report.read_text())["server_scan_results"][0]["scan_result"]
+    return scan
+
+
 def tls_context() -> ssl.SSLContext:
     return ssl.create_default_context(cafile=str(ca_file()))
 
@@ -40,14 +53,7 @@ def test_sslyze_says_mozilla_intermediate_compliant(
 ) -> None:
     """sslyze's Mozilla check (intermediate) passes; TLS 1.0 and 1.1 are refused."""
     host = fleet.app_servers[0]
-    report = tmp_path / "sslyze.json"
-    result = sslyze(
-        host.address, "--mozilla_config=intermediate", f"--certinfo_ca_file={ca_file()}",
-        f"--json_out={report}",
-    )  # fmt: skip
-    assert result.returncode == 0, result.stdout[-3000:]
-    assert "OK - Compliant." in result.stdout
-    scan = json.loads(report.read_text())["server_scan_results"][0]["scan_result"]
+    scan = mozilla_check(host.address, "intermediate", ca_file(), tmp_path / "sslyze.json")
     for old in ("ssl_3_0", "tls_1_0", "tls_1_1"):
         assert scan[f"{old}_cipher_suites"]["result"]["accepted_cipher_suites"] == [], old
     assert scan["tls_1_3_cipher_suites"]["result"]["accepted_cipher_suites"]
@@ -107,14 +113,7 @@ def test_modern_profile_and_ocsp_stapling_of_an_own_certificate(
     """nginx_tls_profile=modern: sslyze's modern check passes, TLS 1.2 is refused; the
     operator's certificate names a responder, so nginx staples."""
     host, ca = modern_with_own_certificate
-    report = tmp_path / "modern.json"
-    result = sslyze(
-        host.address, "--mozilla_config=modern", f"--certinfo_ca_file={ca}",
-        f"--json_out={report}",
-    )  # fmt: skip
-    assert result.returncode == 0, result.stdout[-3000:]
-    assert "OK - Compliant." in result.stdout
-    scan = json.loads(report.read_text())["server_scan_results"][0]["scan_result"]
+    scan = mozilla_check(host.address, "modern", ca, tmp_path / "modern.json")
     assert scan["tls_1_2_cipher_suites"]["result"]["accepted_cipher_suites"] == []
     site = host.ssh("cat /etc/nginx/sites-enabled/wsfleet.conf").stdout
     assert "ssl_stapling on;" in site
