@@ -160,6 +160,16 @@ def client_note(result: Result) -> str:
 # --- scenarios --------------------------------------------------------------------------------
 
 
+def measured(
+    host: fleetctl.FleetHost, scenario: Any, args: tuple[Any, ...], seconds: float
+) -> tuple[Result, dict[str, float]]:
+    """``scenario(*args)`` in each of WORKERS client processes, and the cores the app and
+    nginx used on ``host`` meanwhile."""
+    before = sample(host)
+    result = loadgen.in_workers(scenario, lambda _i: args, WORKERS, timeout=seconds + 120)
+    return result, before.cpu_share(sample(host))
+
+
 def echo_runs(host: fleetctl.FleetHost, ca: Path, seconds: float) -> dict[str, Any]:
     """Scenario 2 (N=1): direct vs nginx+TLS at each offered load, and the most of each."""
     targets = {
@@ -169,14 +179,10 @@ def echo_runs(host: fleetctl.FleetHost, ca: Path, seconds: float) -> dict[str, A
     runs: dict[str, Any] = {"loads": [], "max": {}}
     for size, loads in LOADS.items():
         for name, (url, ca_arg) in targets.items():
-            before = sample(host)
-            result = loadgen.in_workers(
-                loadgen.echo_closed_loop,
-                lambda _i, u=url, c=ca_arg, s=size: (u, c, s, seconds, ECHO_CONNECTIONS // WORKERS),
-                WORKERS,
-                timeout=seconds + 120,
+            per_worker = ECHO_CONNECTIONS // WORKERS
+            result, server = measured(
+                host, loadgen.echo_closed_loop, (url, ca_arg, size, seconds, per_worker), seconds
             )
-            server = before.cpu_share(sample(host))
             runs["max"][(name, size)] = (result, server)
             print(
                 f"echo {size:>5} B most  {name:<9}: {result.rate:>8,.0f} msg/s, "
@@ -185,21 +191,8 @@ def echo_runs(host: fleetctl.FleetHost, ca: Path, seconds: float) -> dict[str, A
                 f"{client_note(result)}"
             )
             for load in loads:
-                before = sample(host)
-                result = loadgen.in_workers(
-                    loadgen.echo_at_rate,
-                    lambda _i, u=url, c=ca_arg, s=size, r=load: (
-                        u,
-                        c,
-                        s,
-                        r / WORKERS,
-                        seconds,
-                        ECHO_CONNECTIONS // WORKERS,
-                    ),
-                    WORKERS,
-                    timeout=seconds + 120,
-                )
-                server = before.cpu_share(sample(host))
+                args = (url, ca_arg, size, load / WORKERS, seconds, per_worker)
+                result, server = measured(host, loadgen.echo_at_rate, args, seconds)
                 runs["loads"].append((name, size, load, result, server))
                 print(
                     f"echo {size:>5} B {load:>6}/s {name:<9}: {result.rate:>8,.0f} msg/s, "
@@ -212,14 +205,8 @@ def echo_runs(host: fleetctl.FleetHost, ca: Path, seconds: float) -> dict[str, A
 
 def handshake_run(host: fleetctl.FleetHost, ca: Path, seconds: float, label: str) -> Result:
     """Scenario 3: new wss connections back to back through nginx+TLS."""
-    before = sample(host)
-    result = loadgen.in_workers(
-        loadgen.handshakes,
-        lambda _i: (f"wss://{host.address}/", str(ca), seconds, 8),
-        WORKERS,
-        timeout=seconds + 120,
-    )
-    server = before.cpu_share(sample(host))
+    args = (f"wss://{host.address}/", str(ca), seconds, 8)
+    result, server = measured(host, loadgen.handshakes, args, seconds)
     print(
         f"handshakes {label}: {result.rate:>7,.0f}/s, p50 {result.quantile(0.5):6.2f} ms, "
         f"p99 {result.quantile(0.99):7.2f} ms, refused {result.failed}; "
@@ -493,20 +480,8 @@ def main() -> int:
 
         print(f"deploy N=2 to {host.name}: {deploy(host, 2, args.set):.0f} s")
         hs[2] = handshake_run(host, ca, args.seconds * 2, "N=2")
-        before = sample(host)
-        most[2] = loadgen.in_workers(
-            loadgen.echo_closed_loop,
-            lambda _i: (
-                f"wss://{host.address}/",
-                str(ca),
-                64,
-                args.seconds,
-                ECHO_CONNECTIONS // WORKERS,
-            ),
-            WORKERS,
-            timeout=args.seconds + 120,
-        )
-        server = before.cpu_share(sample(host))
+        wss_64 = (f"wss://{host.address}/", str(ca), 64, args.seconds, ECHO_CONNECTIONS // WORKERS)
+        most[2], server = measured(host, loadgen.echo_closed_loop, wss_64, args.seconds)
         print(
             f"echo    64 B most  nginx+TLS N=2: {most[2].rate:>8,.0f} msg/s; app "
             f"{server['app']:.2f} cores, nginx {server['nginx']:.2f}; {client_note(most[2])}"

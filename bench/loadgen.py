@@ -17,7 +17,6 @@ import time
 from collections import deque
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from websockets.asyncio.client import ClientConnection, connect
@@ -291,7 +290,3 @@ def in_workers(
                 process.kill()
                 process.join()
     return merged
-
-
-def ca_path(path: Path | None) -> str | None:
-    return str(path) if path else None
