@@ -47,7 +47,7 @@ venv: $(BIN)/.installed .venv-sslyze/.installed
 
 lint: venv
 	$(BIN)/ruff check .
-	$(BIN)/mypy --strict app
+	$(BIN)/mypy --strict app localfleet
 	$(BIN)/yamllint --strict .
 	$(BIN)/ansible-lint
 
@@ -72,17 +72,17 @@ bench: apt-deps venv $(BIN)/.bench-installed
 	$(BIN)/python -m bench.fleet_bench
 
 fleet-up: apt-deps venv
-	$(BIN)/python -m tests.fleetctl up --hosts $(HOSTS)
+	$(BIN)/python -m localfleet up --hosts $(HOSTS)
 
 fleet-status: venv
-	$(BIN)/python -m tests.fleetctl status
+	$(BIN)/python -m localfleet status
 
 demo: fleet-up
 	$(BIN)/ansible-playbook -i $(INVENTORY) site.yml
-	$(BIN)/python -m tests.demo
+	$(BIN)/python -m localfleet.demo
 
 demo-down: venv
-	$(BIN)/python -m tests.fleetctl down
+	$(BIN)/python -m localfleet down
 
 clean: demo-down
 	rm -rf $(VENV) .venv-sslyze .fleet build dist

@@ -4,7 +4,7 @@
 
 Deploys site.yml to the first host of the local fleet (booting one host when no fleet is
 up) with bench/vars.yml over the demo settings, then measures, each pair side by side in
-this one run, from clients outside the host (bench/loadgen.py):
+this one run, from clients outside the host (bench/loadgen.py over localfleet.load):
 
 1. idle wss connections ramped to --idle with N=2: memory per connection of the app
    instances and of nginx, with permessage-deflate negotiated and without;
@@ -34,11 +34,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import localfleet
 from bench import loadgen
 from bench.loadgen import Result
-from tests import fleetctl
-from tests.demo import ca_file
-from tests.fleet.helpers import REPO, ansible_playbook
+from localfleet.ansible import ansible_playbook
+from localfleet.demo import ca_file
+from localfleet.hosts import host_pid
+from localfleet.settings import REPO
 
 VARS = REPO / "bench" / "vars.yml"
 APP = "wsapp"  # app_name of the demo inventory
@@ -79,7 +81,7 @@ class Sample:
         return {kind: (later.cpu[kind] - self.cpu[kind]) / wall for kind in self.cpu}
 
 
-def sample(host: fleetctl.FleetHost) -> Sample:
+def sample(host: localfleet.FleetHost) -> Sample:
     result = host.ssh(SAMPLE.format(app=APP))
     rss = {"app": 0, "nginx": 0}
     cpu = {"app": 0.0, "nginx": 0.0}
@@ -94,7 +96,7 @@ def sample(host: fleetctl.FleetHost) -> Sample:
     return Sample(time.monotonic(), rss, cpu)
 
 
-def open_connections(host: fleetctl.FleetHost, instances: int) -> list[int]:
+def open_connections(host: localfleet.FleetHost, instances: int) -> list[int]:
     """Each instance's open connections, from its /healthz."""
     counts = []
     for port in range(BASE_PORT, BASE_PORT + instances):
@@ -103,7 +105,7 @@ def open_connections(host: fleetctl.FleetHost, instances: int) -> list[int]:
     return counts
 
 
-def wait_until_idle(host: fleetctl.FleetHost, instances: int, deadline: float = 120.0) -> None:
+def wait_until_idle(host: localfleet.FleetHost, instances: int, deadline: float = 120.0) -> None:
     """Wait (bounded) until the instances hold no connection: runs must not overlap."""
     end = time.monotonic() + deadline
     while sum(counts := open_connections(host, instances)) > 0:
@@ -123,7 +125,7 @@ echo "old nginx workers still running" >&2; exit 1
 """
 
 
-def fresh_processes(host: fleetctl.FleetHost, instances: int) -> None:
+def fresh_processes(host: localfleet.FleetHost, instances: int) -> None:
     """New app and nginx processes, so one run's memory is not the baseline of the next
     (neither Python nor nginx gives freed memory back); waits until they are ready."""
     result = host.ssh(FRESH.format(app=APP))
@@ -140,7 +142,7 @@ def fresh_processes(host: fleetctl.FleetHost, instances: int) -> None:
             time.sleep(0.2)
 
 
-def deploy(host: fleetctl.FleetHost, instances: int, extra: list[str]) -> float:
+def deploy(host: localfleet.FleetHost, instances: int, extra: list[str]) -> float:
     started = time.monotonic()
     options = [arg for value in extra for arg in ("-e", value)]
     ansible_playbook(
@@ -161,7 +163,7 @@ def client_note(result: Result) -> str:
 
 
 def measured(
-    host: fleetctl.FleetHost, scenario: Any, args: tuple[Any, ...], seconds: float
+    host: localfleet.FleetHost, scenario: Any, args: tuple[Any, ...], seconds: float
 ) -> tuple[Result, dict[str, float]]:
     """``scenario(*args)`` in each of WORKERS client processes, and the cores the app and
     nginx used on ``host`` meanwhile."""
@@ -170,7 +172,7 @@ def measured(
     return result, before.cpu_share(sample(host))
 
 
-def echo_runs(host: fleetctl.FleetHost, ca: Path, seconds: float) -> dict[str, Any]:
+def echo_runs(host: localfleet.FleetHost, ca: Path, seconds: float) -> dict[str, Any]:
     """Scenario 2 (N=1): direct vs nginx+TLS at each offered load, and the most of each."""
     targets = {
         "direct": (f"ws://{host.address}:{BASE_PORT}/", None),
@@ -203,7 +205,7 @@ def echo_runs(host: fleetctl.FleetHost, ca: Path, seconds: float) -> dict[str, A
     return runs
 
 
-def handshake_run(host: fleetctl.FleetHost, ca: Path, seconds: float, label: str) -> Result:
+def handshake_run(host: localfleet.FleetHost, ca: Path, seconds: float, label: str) -> Result:
     """Scenario 3: new wss connections back to back through nginx+TLS."""
     args = (f"wss://{host.address}/", str(ca), seconds, 8)
     result, server = measured(host, loadgen.handshakes, args, seconds)
@@ -216,7 +218,7 @@ def handshake_run(host: fleetctl.FleetHost, ca: Path, seconds: float, label: str
 
 
 def idle_run(
-    host: fleetctl.FleetHost, ca: Path, target: int, compression: str | None, instances: int
+    host: localfleet.FleetHost, ca: Path, target: int, compression: str | None, instances: int
 ) -> dict[str, Any]:
     """Scenario 1: ramp to ``target`` idle wss connections; memory per connection."""
     wait_until_idle(host, instances)
@@ -458,10 +460,10 @@ def main() -> int:
         )
     args.out.mkdir(parents=True, exist_ok=True)
 
-    fleet = fleetctl.read_fleet()
-    booted = not (fleet.app_servers and fleetctl.host_pid(fleet.app_servers[0]))
+    fleet = localfleet.read_fleet()
+    booted = not (fleet.app_servers and host_pid(fleet.app_servers[0]))
     if booted:
-        fleet = fleetctl.up(hosts=1)
+        fleet = localfleet.up(hosts=1)
     host = fleet.app_servers[0]
     context = {
         "set": " ".join(args.set) or "none",
@@ -514,7 +516,7 @@ def main() -> int:
         report(args.out, context, echo, idle, hs, most, ratios)
     finally:
         if booted:
-            fleetctl.down()
+            localfleet.down()
         else:
             print(f"putting {host.name} back as the demo deploys it")
             ansible_playbook("site.yml", "--limit", host.name)

@@ -1,18 +1,16 @@
-"""The load generator of `make bench`: asyncio WebSocket clients in several processes.
+"""The scenarios of `make bench`: what asyncio WebSocket clients do in each measurement.
 
-Each scenario runs in ``workers`` processes on uvloop (when installed, as on the hosts),
-and every process reports the CPU time it used, so a saturated client shows in the
-figures instead of passing for a slow server. Latencies are measured from the moment a
-message was due, not from when it was sent: a client that falls behind its schedule
-counts the delay (no coordinated omission).
+The counters, the connection loop and the client processes are the shared ones of
+:mod:`localfleet.load`: each scenario runs in ``workers`` processes on uvloop (when
+installed, as on the hosts), and every process reports the CPU time it used, so a
+saturated client shows in the figures instead of passing for a slow server. Latencies are
+measured from the moment a message was due, not from when it was sent: a client that
+falls behind its schedule counts the delay (no coordinated omission).
 """
 
 from __future__ import annotations
 
 import asyncio
-import multiprocessing
-import os
-import ssl
 import time
 from collections import deque
 from collections.abc import Callable, Coroutine
@@ -21,57 +19,29 @@ from typing import Any
 
 from websockets.asyncio.client import ClientConnection, connect
 
+from localfleet import load
+from localfleet.load import Tally, client_context, open_counted
+
 __all__ = ["Result", "echo_at_rate", "echo_closed_loop", "handshakes", "hold_idle", "in_workers"]
 
 
 @dataclass
-class Result:
-    """What one scenario measured, merged over its client processes."""
+class Result(Tally):
+    """What one scenario measured (done: replies received, handshakes completed or
+    connections opened; failed: replies lost, handshakes or connections refused), merged
+    over its client processes."""
 
     seconds: float = 0.0
-    done: int = 0  # replies received, handshakes completed or connections opened
-    failed: int = 0  # replies lost, handshakes or connections refused
-    latencies: list[float] = field(default_factory=list)
     client_cpu: list[float] = field(default_factory=list)  # share of one core, per process
-    errors: dict[str, int] = field(default_factory=dict)
 
     @property
     def rate(self) -> float:
         return self.done / self.seconds if self.seconds else 0.0
 
-    def quantile(self, q: float) -> float:
-        """The q-quantile of the latencies, in milliseconds (nan when there are none)."""
-        if not self.latencies:
-            return float("nan")
-        ordered = sorted(self.latencies)
-        return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000
-
-    def merge(self, other: Result) -> None:
+    def merge(self, other: Result) -> None:  # type: ignore[override]
+        super().merge(other)
         self.seconds = max(self.seconds, other.seconds)
-        self.done += other.done
-        self.failed += other.failed
-        self.latencies += other.latencies
         self.client_cpu += other.client_cpu
-        for error, count in other.errors.items():
-            self.errors[error] = self.errors.get(error, 0) + count
-
-
-def client_context(ca_file: str | None) -> ssl.SSLContext | None:
-    """TLS that verifies the server against the fleet's CA (None for ws:// targets)."""
-    return ssl.create_default_context(cafile=ca_file) if ca_file else None
-
-
-def _run(coroutine: Coroutine[Any, Any, Result]) -> Result:
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.run(coroutine)
-    return uvloop.run(coroutine)
-
-
-def _note(result: Result, error: BaseException) -> None:
-    name = type(error).__name__
-    result.errors[name] = result.errors.get(name, 0) + 1
 
 
 # --- scenarios (one process's share) --------------------------------------------------------
@@ -100,8 +70,7 @@ async def echo_at_rate(
         async def read() -> None:
             for _ in range(count):
                 await ws.recv()
-                result.latencies.append(clock() - due_times.popleft())
-                result.done += 1
+                result.ok(clock() - due_times.popleft())
 
         reader = asyncio.create_task(read())
         for k in range(count):
@@ -113,7 +82,7 @@ async def echo_at_rate(
         try:
             await asyncio.wait_for(reader, timeout=10)
         except (TimeoutError, OSError) as error:
-            _note(result, error)  # what never came back counts as failed below
+            result.fail(error)  # what never came back is counted as failed below
 
     outcomes = await asyncio.gather(
         *(one(ws, i * interval / connections) for i, ws in enumerate(sockets)),
@@ -121,7 +90,7 @@ async def echo_at_rate(
     )
     for outcome in outcomes:
         if isinstance(outcome, BaseException):
-            _note(result, outcome)
+            result.fail(outcome)
     result.failed = connections * count - result.done
     await asyncio.gather(*(ws.close() for ws in sockets), return_exceptions=True)
     return result
@@ -144,13 +113,11 @@ async def echo_closed_loop(
         while (sent := time.monotonic()) < deadline:
             await ws.send(payload)
             await ws.recv()
-            result.latencies.append(time.monotonic() - sent)
-            result.done += 1
+            result.ok(time.monotonic() - sent)
 
     for outcome in await asyncio.gather(*(one(ws) for ws in sockets), return_exceptions=True):
         if isinstance(outcome, BaseException):
-            _note(result, outcome)
-            result.failed += 1
+            result.fail(outcome)
     await asyncio.gather(*(ws.close() for ws in sockets), return_exceptions=True)
     return result
 
@@ -162,16 +129,10 @@ async def handshakes(url: str, ca_file: str | None, seconds: float, concurrency:
     deadline = time.monotonic() + seconds
 
     async def one() -> None:
-        while (started := time.monotonic()) < deadline:
-            try:
-                ws = await connect(url, ssl=context, open_timeout=10, ping_interval=None)
-            except Exception as error:  # every refusal is a figure
-                _note(result, error)
-                result.failed += 1
-                continue
-            result.latencies.append(time.monotonic() - started)
-            result.done += 1
-            await ws.close()
+        while time.monotonic() < deadline:
+            ws = await open_counted(url, context, result, open_timeout=10, ping_interval=None)
+            if ws is not None:
+                await ws.close()
 
     await asyncio.gather(*(one() for _ in range(concurrency)))
     return result
@@ -211,8 +172,7 @@ async def hold_idle(
                     )
                 )
             except Exception as error:  # every refusal is a figure
-                _note(result, error)
-                result.failed += 1
+                result.fail(error)
                 return
         result.latencies.append(time.monotonic() - started)
         with opened.get_lock():
@@ -241,21 +201,10 @@ async def hold_idle(
 # --- processes --------------------------------------------------------------------------------
 
 
-def _worker(
-    scenario: Callable[..., Coroutine[Any, Any, Result]], args: tuple[Any, ...], out: Any
-) -> None:
-    started = time.process_time()
-    wall = time.monotonic()
-    try:
-        result = _run(scenario(*args))
-    except Exception as error:  # reported to the parent, which fails loudly
-        result = Result(failed=1)
-        _note(result, error)
-    result.client_cpu = [(time.process_time() - started) / max(time.monotonic() - wall, 1e-9)]
-    out.put(result)
-    out.close()
-    out.join_thread()
-    os._exit(0)  # drop every connection at once, without closing handshakes
+def _failed(error: BaseException) -> Result:
+    result = Result()
+    result.fail(error)
+    return result
 
 
 def in_workers(
@@ -270,23 +219,8 @@ def in_workers(
     ``while_running`` is called once the processes started (the idle scenario measures the
     hosts there, then releases its clients).
     """
-    queue: multiprocessing.Queue[Result] = multiprocessing.Queue()
-    processes = [
-        multiprocessing.Process(target=_worker, args=(scenario, args_of(i), queue), daemon=True)
-        for i in range(workers)
-    ]
-    for process in processes:
-        process.start()
     merged = Result()
-    try:
-        if while_running is not None:
-            while_running()
-        for _ in processes:
-            merged.merge(queue.get(timeout=timeout))
-    finally:
-        for process in processes:
-            process.join(5)
-            if process.is_alive():
-                process.kill()
-                process.join()
+    for result, cpu in load.in_workers(scenario, args_of, workers, timeout, _failed, while_running):
+        result.client_cpu = [cpu]
+        merged.merge(result)
     return merged

@@ -11,8 +11,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests import fleetctl
-from tests.fleet.helpers import ansible_playbook
+import localfleet
+from localfleet.ansible import ansible_playbook
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -27,17 +27,17 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 
 @pytest.fixture(scope="session")
-def fleet() -> Iterator[fleetctl.Fleet]:
+def fleet() -> Iterator[localfleet.Fleet]:
     """The local fleet of three app servers, up for the whole session."""
     try:
-        yield fleetctl.up(hosts=3)
+        yield localfleet.up(hosts=3)
     finally:
-        fleetctl.down()
-        left = fleetctl.leftovers()
+        localfleet.down()
+        left = localfleet.leftovers()
         assert not left, f"the fleet left state behind: {left}"
 
 
 @pytest.fixture(scope="session")
-def deployed(fleet: fleetctl.Fleet) -> subprocess.CompletedProcess[str]:
+def deployed(fleet: localfleet.Fleet) -> subprocess.CompletedProcess[str]:
     """site.yml applied once to the fleet."""
     return ansible_playbook("site.yml")

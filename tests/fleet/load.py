@@ -1,8 +1,9 @@
-"""A load generator outside the hosts, for tests of releases on a live fleet.
+"""The load of the release tests: clients on a live fleet while a release goes out.
 
 Long-lived clients exchange numbered messages on every host (resending, after a
 reconnect, what a 1001/1012 close left unanswered, as a client of a restarting service
-does); others open a fresh wss connection about ten times a second.
+does); others open a fresh wss connection about ten times a second. The counters and the
+connection loop are the shared ones of :mod:`localfleet.load`.
 """
 
 from __future__ import annotations
@@ -17,10 +18,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
-from tests.demo import ca_file
+from localfleet.demo import ca_file
+from localfleet.load import Tally, client_context, in_background, open_counted, quantile
 
 __all__ = ["Load", "assert_no_failures", "load_on", "summary"]
 
@@ -33,31 +34,25 @@ RECONNECT_CODES = {1001, 1012}
 class Load:
     """What the clients saw."""
 
-    handshakes: int = 0
-    failed_handshakes: list[str] = field(default_factory=list)
+    handshakes: Tally = field(default_factory=Tally)
+    replies: Tally = field(default_factory=Tally)  # failed: lost or wrong replies
     closes: Counter[int] = field(default_factory=Counter)
-    replies: int = 0
-    lost_replies: int = 0
     reconnects: list[float] = field(default_factory=list)
 
 
 async def long_lived(
-    address: str, name: str, context: ssl.SSLContext, load: Load, stop: asyncio.Event
+    address: str, name: str, context: ssl.SSLContext | None, load: Load, stop: asyncio.Event
 ) -> None:
     """Send a numbered message every 0.3 s; after a 1001/1012 close, reconnect and resend."""
     pending: str | None = None
     counter = itertools.count()
     while not stop.is_set():
         started = time.monotonic()
-        try:
-            ws: ClientConnection = await connect(
-                f"wss://{address}/ws/{name}", ssl=context, open_timeout=10
-            )
-        except Exception as error:  # every failure is counted, not raised
-            load.failed_handshakes.append(f"{name}: {error!r}")
+        ws = await open_counted(f"wss://{address}/ws/{name}", context, load.handshakes, name,
+                                open_timeout=10)  # fmt: skip
+        if ws is None:
             await asyncio.sleep(0.5)
             continue
-        load.handshakes += 1
         if load.closes:
             load.reconnects.append(time.monotonic() - started)
         try:
@@ -65,9 +60,10 @@ async def long_lived(
                 pending = pending or f"{name}-{next(counter)}"
                 await ws.send(pending)
                 reply = await asyncio.wait_for(ws.recv(), 10)
-                if reply != pending:
-                    load.lost_replies += 1
-                load.replies += 1
+                if reply == pending:
+                    load.replies.ok()
+                else:
+                    load.replies.fail(f"got {reply!r}", pending)
                 pending = None
                 await asyncio.sleep(0.3)
             await ws.close()
@@ -78,26 +74,30 @@ async def long_lived(
             if code not in RECONNECT_CODES:
                 return
         except TimeoutError:
-            load.lost_replies += 1
+            load.replies.fail("no reply within 10 s", pending or name)
             await ws.close()
 
 
 async def new_connections(
-    addresses: list[str], context: ssl.SSLContext, load: Load, stop: asyncio.Event
+    addresses: list[str], context: ssl.SSLContext | None, load: Load, stop: asyncio.Event
 ) -> None:
     """Open a fresh connection NEW_PER_SECOND times a second, round robin over the hosts."""
 
     async def one(address: str, number: int) -> None:
+        ws = await open_counted(f"wss://{address}/ws/new-{number}", context, load.handshakes,
+                                f"new {address}", open_timeout=10)  # fmt: skip
+        if ws is None:
+            return
         try:
-            async with connect(
-                f"wss://{address}/ws/new-{number}", ssl=context, open_timeout=10
-            ) as ws:
-                load.handshakes += 1
+            async with ws:
                 await ws.send("hello")
-                if await asyncio.wait_for(ws.recv(), 10) != "hello":
-                    load.lost_replies += 1
+                reply = await asyncio.wait_for(ws.recv(), 10)
+                if reply == "hello":
+                    load.replies.ok()
+                else:
+                    load.replies.fail(f"got {reply!r}", f"new {address}")
         except Exception as error:  # every failure is counted, not raised
-            load.failed_handshakes.append(f"new {address}: {error!r}")
+            load.replies.fail(error, f"new {address}")
 
     tasks = []
     for number in itertools.count():
@@ -108,54 +108,40 @@ async def new_connections(
     await asyncio.gather(*tasks)
 
 
-def run_load(
-    addresses: list[str], load: Load, stop: threading.Event, ready: threading.Event
-) -> None:
-    async def main() -> None:
-        context = ssl.create_default_context(cafile=str(ca_file()))
-        stopping = asyncio.Event()
+@contextmanager
+def load_on(addresses: list[str]) -> Iterator[Load]:
+    """Keep the load running on the hosts for the duration of the with block."""
+    load = Load()
+
+    async def scenario(stopping: asyncio.Event, ready: threading.Event) -> None:
+        context = client_context(ca_file())
         clients = [
             asyncio.create_task(long_lived(address, f"{i}-{n}", context, load, stopping))
             for i, address in enumerate(addresses)
             for n in range(LONG_LIVED_PER_HOST)
         ]
         opener = asyncio.create_task(new_connections(addresses, context, load, stopping))
-        while load.handshakes < len(clients):  # noqa: ASYNC110 - a count, not an event
+        while load.handshakes.done < len(clients):  # noqa: ASYNC110 - a count, not an event
             await asyncio.sleep(0.1)
         ready.set()
-        await asyncio.to_thread(stop.wait)
-        stopping.set()
+        await stopping.wait()
         await asyncio.gather(opener, *clients)
 
-    asyncio.run(main())
-
-
-@contextmanager
-def load_on(addresses: list[str]) -> Iterator[Load]:
-    """Keep the load running on the hosts for the duration of the with block."""
-    load = Load()
-    stop, ready = threading.Event(), threading.Event()
-    worker = threading.Thread(target=run_load, args=(addresses, load, stop, ready), daemon=True)
-    worker.start()
-    try:
-        assert ready.wait(60), f"the load did not start: {load.failed_handshakes[:3]}"
+    with in_background(scenario, not_ready=lambda: str(load.handshakes.failures[:3])):
         yield load
         time.sleep(2)  # some traffic after the last restart
-    finally:
-        stop.set()
-        worker.join(60)
 
 
 def assert_no_failures(load: Load) -> None:
     """0 failed handshakes, only 1001/1012 closes, 0 lost replies."""
-    assert load.failed_handshakes == []
+    assert load.handshakes.failures == []
     assert set(load.closes) <= RECONNECT_CODES, load.closes
-    assert load.lost_replies == 0
+    assert load.replies.failed == 0, load.replies.failures
 
 
 def summary(load: Load) -> str:
-    waits = sorted(load.reconnects) or [0.0]
+    waits = load.reconnects or [0.0]
     return (
-        f"{load.handshakes} handshakes, closes {dict(load.closes)}, reconnect "
-        f"p50 {waits[len(waits) // 2]:.3f}s max {waits[-1]:.3f}s"
+        f"{load.handshakes.done} handshakes, closes {dict(load.closes)}, reconnect "
+        f"p50 {quantile(waits, 0.5):.3f}s max {max(waits):.3f}s"
     )

@@ -15,8 +15,8 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.support import expected_conditions
 from selenium.webdriver.support.wait import WebDriverWait
 
-from tests import fleetctl
-from tests.demo import ca_file
+import localfleet
+from localfleet.demo import ca_file
 
 # Flags for a closed network, as root, with no screen (../shared: Chromium's background
 # services would otherwise keep trying to reach the internet).
@@ -52,7 +52,7 @@ def browser(deployed: object) -> Iterator[webdriver.Chrome]:
 
 
 def test_chat_page_over_https_round_trips_a_message_over_wss(
-    fleet: fleetctl.Fleet, browser: webdriver.Chrome
+    fleet: localfleet.Fleet, browser: webdriver.Chrome
 ) -> None:
     """The chat page loads over verified https, connects over wss, and shows a sent message."""
     host = fleet.app_servers[0]

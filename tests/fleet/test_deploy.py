@@ -11,25 +11,25 @@ from pathlib import Path
 import pytest
 from websockets.asyncio.client import connect
 
-from tests import fleetctl
-from tests.demo import ca_file, round_trip
-from tests.fleet.helpers import ansible_playbook, parse_recap
+import localfleet
+from localfleet.ansible import ansible_playbook, parse_recap
+from localfleet.demo import ca_file, round_trip
 
-Fleet = fleetctl.Fleet
+Fleet = localfleet.Fleet
 
 
-def on_host(host: fleetctl.FleetHost, command: str) -> str:
+def on_host(host: localfleet.FleetHost, command: str) -> str:
     result = host.ssh(command)
     assert result.returncode == 0, f"{host.name}: {command}: {result.stderr}"
     return result.stdout
 
 
-def active_instances(host: fleetctl.FleetHost) -> list[int]:
+def active_instances(host: localfleet.FleetHost) -> list[int]:
     out = on_host(host, "systemctl list-units --plain --no-legend --state=active 'wsapp@*.service'")
     return sorted(int(p) for p in re.findall(r"wsapp@(\d+)\.service", out))
 
 
-def upstream_ports(host: fleetctl.FleetHost) -> list[int]:
+def upstream_ports(host: localfleet.FleetHost) -> list[int]:
     site = on_host(host, "cat /etc/nginx/sites-enabled/wsfleet.conf")
     upstream = site.split("upstream wsfleet_app {", 1)[1].split("}", 1)[0]
     return sorted(int(p) for p in re.findall(r"server 127\.0\.0\.1:(\d+)", upstream))

@@ -10,20 +10,23 @@ import time
 
 import pytest
 
-from tests import fleetctl
-from tests.fleet.helpers import REPO
+import localfleet
+from localfleet import hosts, settings
+from localfleet.settings import REPO
 
 
-def fleetctl_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def localfleet_cli(
+    *args: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "tests.fleetctl", *args],
+        [sys.executable, "-m", "localfleet", *args],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=300, check=False,
     )  # fmt: skip
 
 
-def test_status_says_running_for_every_host(fleet: fleetctl.Fleet) -> None:
+def test_status_says_running_for_every_host(fleet: localfleet.Fleet) -> None:
     """`status` lists each host with systemd's own word: running."""
-    result = fleetctl_cli("status")
+    result = localfleet_cli("status")
     assert result.returncode == 0, result.stdout + result.stderr
     for host in fleet.hosts:
         assert f"{host.name} " in result.stdout
@@ -31,7 +34,7 @@ def test_status_says_running_for_every_host(fleet: fleetctl.Fleet) -> None:
         assert line.split()[-1] == "running", line
 
 
-def test_hosts_answer_over_ssh_on_their_own_address(fleet: fleetctl.Fleet) -> None:
+def test_hosts_answer_over_ssh_on_their_own_address(fleet: localfleet.Fleet) -> None:
     """Each host is reached by SSH at its static address and knows its own name."""
     for host in fleet.hosts:
         result = host.ssh("hostname && ip -4 -o addr show host0")
@@ -40,76 +43,76 @@ def test_hosts_answer_over_ssh_on_their_own_address(fleet: fleetctl.Fleet) -> No
         assert f"{host.address}/24" in result.stdout
 
 
-def test_up_twice_leaves_running_hosts_alone(fleet: fleetctl.Fleet) -> None:
+def test_up_twice_leaves_running_hosts_alone(fleet: localfleet.Fleet) -> None:
     """A second `up` boots nothing: the same container processes keep running."""
-    before = fleetctl.nspawn_pids()
-    result = fleetctl_cli("up", "--hosts", str(len(fleet.hosts)))
+    before = hosts.nspawn_pids()
+    result = localfleet_cli("up", "--hosts", str(len(fleet.hosts)))
     assert result.returncode == 0, result.stderr
     assert "booted now: none" in result.stdout
-    assert fleetctl.nspawn_pids() == before
+    assert hosts.nspawn_pids() == before
 
 
-def test_up_heals_a_host_whose_nspawn_was_killed(fleet: fleetctl.Fleet) -> None:
+def test_up_heals_a_host_whose_nspawn_was_killed(fleet: localfleet.Fleet) -> None:
     """After a SIGKILL of one container's nspawn, `up` removes the orphan and reboots it."""
     victim = fleet.hosts[-1]
-    pid = fleetctl.host_pid(victim)
+    pid = hosts.host_pid(victim)
     assert pid is not None
     os.kill(pid, signal.SIGKILL)
     deadline = time.monotonic() + 10
-    while fleetctl.host_pid(victim) is not None and time.monotonic() < deadline:
+    while hosts.host_pid(victim) is not None and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert victim.name in fleetctl.orphan_inits().values()
+    assert victim.name in hosts.orphan_inits().values()
 
-    result = fleetctl_cli("up", "--hosts", str(len(fleet.hosts)))
+    result = localfleet_cli("up", "--hosts", str(len(fleet.hosts)))
     assert result.returncode == 0, result.stderr
     assert f"booted now: {victim.name}" in result.stdout
-    assert not fleetctl.orphan_inits()
-    assert fleetctl.system_state(victim) == "running"
+    assert not hosts.orphan_inits()
+    assert hosts.system_state(victim) == "running"
     assert victim.ssh("true").returncode == 0
 
 
-def test_a_host_that_fails_to_boot_is_named_with_its_journal(fleet: fleetctl.Fleet) -> None:
+def test_a_host_that_fails_to_boot_is_named_with_its_journal(fleet: localfleet.Fleet) -> None:
     """A host whose boot ends degraded is named, with its failed unit and journal tail."""
-    name = f"{fleetctl.NAME}9"
-    broken = fleetctl.FleetHost(name, str(fleetctl.NETWORK[19]), ("app_servers",))
-    key = (fleetctl.SSH_DIR / "id_ed25519.pub").read_text()
+    name = f"{settings.NAME}9"
+    broken = localfleet.FleetHost(name, str(settings.NETWORK[19]), ("app_servers",))
+    key = (settings.SSH_DIR / "id_ed25519.pub").read_text()
     try:
-        fleetctl.prepare_host(broken, key)
+        hosts.prepare_host(broken, key)
         unit = broken.root / "etc/systemd/system/broken-on-boot.service"
         unit.write_text("[Service]\nType=oneshot\nExecStart=/bin/false\n"
                         "[Install]\nWantedBy=multi-user.target\n")  # fmt: skip
         wants = broken.root / "etc/systemd/system/multi-user.target.wants"
         wants.mkdir(exist_ok=True)
         (wants / unit.name).symlink_to(f"/etc/systemd/system/{unit.name}")
-        fleetctl.boot(broken)
-        with pytest.raises(fleetctl.FleetError) as failure:
-            fleetctl.wait_running(broken, time.monotonic() + 60)
+        hosts.boot(broken)
+        with pytest.raises(localfleet.FleetError) as failure:
+            hosts.wait_running(broken, time.monotonic() + 60)
         message = str(failure.value)
         assert message.startswith(f"{name} did not come up (systemd says 'degraded')")
         assert "broken-on-boot.service" in message
         assert "journal tail:" in message
     finally:
-        fleetctl.stop_host(broken.name, fleetctl.host_pid(broken))
-    assert not any(name in item for item in fleetctl.leftovers())
+        hosts.stop_host(broken.name, hosts.host_pid(broken))
+    assert not any(name in item for item in localfleet.leftovers())
 
 
-def test_up_without_root_says_so_and_touches_nothing(fleet: fleetctl.Fleet) -> None:
+def test_up_without_root_says_so_and_touches_nothing(fleet: localfleet.Fleet) -> None:
     """`up` as an unprivileged user fails at once, saying it needs root."""
     result = subprocess.run(
         ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
-         sys.executable, "-m", "tests.fleetctl", "up"],
+         sys.executable, "-m", "localfleet", "up"],
         cwd=REPO, capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip
     assert result.returncode == 1
     assert "must run as root" in result.stderr
 
 
-def test_up_without_the_tools_names_the_packages(fleet: fleetctl.Fleet) -> None:
+def test_up_without_the_tools_names_the_packages(fleet: localfleet.Fleet) -> None:
     """`up` on a machine without systemd-nspawn or debootstrap names the apt packages."""
-    before = fleetctl.nspawn_pids()
-    result = fleetctl_cli("up", env={**os.environ, "PATH": "/nonexistent"})
+    before = hosts.nspawn_pids()
+    result = localfleet_cli("up", env={**os.environ, "PATH": "/nonexistent"})
     assert result.returncode == 1
     assert "apt-get install" in result.stderr
     for package in ("systemd-container", "debootstrap", "iproute2", "openssh-client"):
         assert package in result.stderr
-    assert fleetctl.nspawn_pids() == before
+    assert hosts.nspawn_pids() == before

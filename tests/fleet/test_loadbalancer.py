@@ -14,26 +14,26 @@ from collections.abc import Iterator
 import pytest
 from websockets.asyncio.client import connect
 
-from tests import fleetctl
-from tests.demo import ca_file
-from tests.fleet.helpers import ansible_playbook
+import localfleet
+from localfleet.ansible import ansible_playbook
+from localfleet.demo import ca_file
 from tests.fleet.load import assert_no_failures, load_on, summary
 from tests.fleet.test_release_under_load import versions
 
 
 @pytest.fixture(scope="module")
-def balancer(fleet: fleetctl.Fleet, deployed: object) -> Iterator[fleetctl.FleetHost]:
+def balancer(fleet: localfleet.Fleet, deployed: object) -> Iterator[localfleet.FleetHost]:
     """fleetlb booted and site.yml run with it in the inventory; afterwards gone again."""
-    with_lb = fleetctl.up(hosts=len(fleet.app_servers), lb=True)
+    with_lb = localfleet.up(hosts=len(fleet.app_servers), lb=True)
     try:
         ansible_playbook("site.yml")
         yield with_lb.load_balancers[0]
     finally:
-        fleetctl.up(hosts=len(fleet.app_servers), lb=False)
+        localfleet.up(hosts=len(fleet.app_servers), lb=False)
         ansible_playbook("site.yml")
 
 
-def open_connections(host: fleetctl.FleetHost) -> int:
+def open_connections(host: localfleet.FleetHost) -> int:
     """Client connections the app instances of ``host`` hold now."""
     total = 0
     for port in (8001, 8002):
@@ -43,7 +43,7 @@ def open_connections(host: fleetctl.FleetHost) -> int:
 
 
 def test_the_balancer_spreads_wss_over_every_app_server(
-    fleet: fleetctl.Fleet, balancer: fleetctl.FleetHost
+    fleet: localfleet.Fleet, balancer: localfleet.FleetHost
 ) -> None:
     """wss to the balancer, verified against the CA, reaches every app server."""
     context = ssl.create_default_context(cafile=str(ca_file()))
@@ -66,7 +66,7 @@ def test_the_balancer_spreads_wss_over_every_app_server(
 
 
 def test_a_rollout_behind_the_balancer_fails_nothing(
-    fleet: fleetctl.Fleet, balancer: fleetctl.FleetHost
+    fleet: localfleet.Fleet, balancer: localfleet.FleetHost
 ) -> None:
     """Each app server is marked down in the balancer before it restarts, back up after;
     clients of the balancer see no failed handshake and no lost reply."""

@@ -7,18 +7,18 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests import fleetctl
-from tests.fleet.helpers import ansible_playbook
+import localfleet
+from localfleet.ansible import ansible_playbook
 from tests.fleet.load import assert_no_failures, load_on, summary
 from tests.fleet.test_release_under_load import versions
 
 
-def current_release(host: fleetctl.FleetHost) -> str:
+def current_release(host: localfleet.FleetHost) -> str:
     return host.ssh("readlink /opt/wsapp/current").stdout.strip().rsplit("/", 1)[-1]
 
 
 @pytest.fixture(scope="module")
-def rolled_out(fleet: fleetctl.Fleet, deployed: object) -> Iterator[str]:
+def rolled_out(fleet: localfleet.Fleet, deployed: object) -> Iterator[str]:
     """The fleet on release 2.0.0, rolled out under load; the deploy's release afterwards."""
     addresses = [h.address for h in fleet.app_servers]
     with load_on(addresses) as load:
@@ -33,7 +33,7 @@ def rolled_out(fleet: fleetctl.Fleet, deployed: object) -> Iterator[str]:
 
 
 def test_rollout_reaches_every_instance_and_summarises(
-    fleet: fleetctl.Fleet, rolled_out: str
+    fleet: localfleet.Fleet, rolled_out: str
 ) -> None:
     """After the rollout every instance reports 2.0.0; the summary lists each host."""
     assert versions(fleet) == {h.name: {"2.0.0"} for h in fleet.app_servers}
@@ -43,7 +43,9 @@ def test_rollout_reaches_every_instance_and_summarises(
         )
 
 
-def test_a_broken_release_stops_at_the_first_batch(fleet: fleetctl.Fleet, rolled_out: str) -> None:
+def test_a_broken_release_stops_at_the_first_batch(
+    fleet: localfleet.Fleet, rolled_out: str
+) -> None:
     """A release that exits at start: the first host returns to 2.0.0, the rest untouched."""
     first, *others = fleet.app_servers
     with load_on([h.address for h in fleet.app_servers]) as load:
@@ -64,7 +66,7 @@ def test_a_broken_release_stops_at_the_first_batch(fleet: fleetctl.Fleet, rolled
 
 
 def test_rollback_under_load_returns_to_the_previous_release(
-    fleet: fleetctl.Fleet, rolled_out: str
+    fleet: localfleet.Fleet, rolled_out: str
 ) -> None:
     """rollback.yml takes every host back to the release before 2.0.0, failing nothing."""
     with load_on([h.address for h in fleet.app_servers]) as load:

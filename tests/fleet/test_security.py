@@ -17,9 +17,10 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from tests import fleetctl
-from tests.demo import ca_file, round_trip
-from tests.fleet.helpers import REPO, ansible_playbook
+import localfleet
+from localfleet.ansible import ansible_playbook
+from localfleet.demo import ca_file, round_trip
+from localfleet.settings import GATEWAY, REPO
 
 # sslyze lives in a venv of its own (requirements/sslyze.txt says why).
 SSLYZE = REPO / ".venv-sslyze" / "bin" / "python"
@@ -49,7 +50,7 @@ def tls_context() -> ssl.SSLContext:
 
 
 def test_sslyze_says_mozilla_intermediate_compliant(
-    fleet: fleetctl.Fleet, deployed: object, tmp_path: Path
+    fleet: localfleet.Fleet, deployed: object, tmp_path: Path
 ) -> None:
     """sslyze's Mozilla check (intermediate) passes; TLS 1.0 and 1.1 are refused."""
     host = fleet.app_servers[0]
@@ -65,8 +66,8 @@ def openssl(*args: str) -> None:
 
 @pytest.fixture
 def modern_with_own_certificate(
-    fleet: fleetctl.Fleet, deployed: object, tmp_path: Path
-) -> Iterator[tuple[fleetctl.FleetHost, Path]]:
+    fleet: localfleet.Fleet, deployed: object, tmp_path: Path
+) -> Iterator[tuple[localfleet.FleetHost, Path]]:
     """The last host on the modern profile, serving an operator's certificate that names an
     OCSP responder (issued here by a CA of the test); afterwards back to the demo's.
 
@@ -87,7 +88,7 @@ def modern_with_own_certificate(
     extensions = tmp_path / "ext.cnf"
     extensions.write_text(
         f"subjectAltName=IP:{host.address}\n"
-        f"authorityInfoAccess=OCSP;URI:http://{fleetctl.GATEWAY}:9/\n"
+        f"authorityInfoAccess=OCSP;URI:http://{GATEWAY}:9/\n"
         "extendedKeyUsage=serverAuth\n"
         "basicConstraints=CA:FALSE\n"
         "keyUsage=critical,digitalSignature\n"
@@ -108,7 +109,7 @@ def modern_with_own_certificate(
 
 
 def test_modern_profile_and_ocsp_stapling_of_an_own_certificate(
-    modern_with_own_certificate: tuple[fleetctl.FleetHost, Path], tmp_path: Path
+    modern_with_own_certificate: tuple[localfleet.FleetHost, Path], tmp_path: Path
 ) -> None:
     """nginx_tls_profile=modern: sslyze's modern check passes, TLS 1.2 is refused; the
     operator's certificate names a responder, so nginx staples."""
@@ -120,7 +121,9 @@ def test_modern_profile_and_ocsp_stapling_of_an_own_certificate(
     assert asyncio.run(round_trip(host.address, ca, "modern")) == "modern"
 
 
-def test_the_private_ca_certificate_is_not_stapled(fleet: fleetctl.Fleet, deployed: object) -> None:
+def test_the_private_ca_certificate_is_not_stapled(
+    fleet: localfleet.Fleet, deployed: object
+) -> None:
     """The demo's certificates name no OCSP responder: no stapling configured."""
     site = fleet.app_servers[0].ssh("cat /etc/nginx/sites-enabled/wsfleet.conf").stdout
     assert "ssl_certificate " in site
@@ -128,7 +131,7 @@ def test_the_private_ca_certificate_is_not_stapled(fleet: fleetctl.Fleet, deploy
 
 
 def test_plain_http_redirects_to_https_but_health_answers(
-    fleet: fleetctl.Fleet, deployed: object
+    fleet: localfleet.Fleet, deployed: object
 ) -> None:
     """Port 80 answers 301 to https, except /healthz for load balancers."""
     address = fleet.app_servers[0].address
@@ -143,7 +146,7 @@ def test_plain_http_redirects_to_https_but_health_answers(
             assert f"Location: https://{address}/" in head
 
 
-def test_metrics_are_not_public(fleet: fleetctl.Fleet, deployed: object) -> None:
+def test_metrics_are_not_public(fleet: localfleet.Fleet, deployed: object) -> None:
     """/metrics answers 404 through the public listener; server_tokens hide the version."""
     address = fleet.app_servers[0].address
     request = f"GET /metrics HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n"
@@ -157,7 +160,7 @@ def test_metrics_are_not_public(fleet: fleetctl.Fleet, deployed: object) -> None
     assert re.search(r"^Server: nginx\r$", head, re.MULTILINE)
 
 
-def test_a_2_mib_message_is_refused_with_1009(fleet: fleetctl.Fleet, deployed: object) -> None:
+def test_a_2_mib_message_is_refused_with_1009(fleet: localfleet.Fleet, deployed: object) -> None:
     """Through nginx, a message over the app's max size closes with 1009; others unaffected."""
     address = fleet.app_servers[0].address
 
@@ -174,7 +177,9 @@ def test_a_2_mib_message_is_refused_with_1009(fleet: fleetctl.Fleet, deployed: o
     assert asyncio.run(scenario()) == (1009, "still here")
 
 
-def test_a_trickling_handshake_is_cut_by_a_timeout(fleet: fleetctl.Fleet, deployed: object) -> None:
+def test_a_trickling_handshake_is_cut_by_a_timeout(
+    fleet: localfleet.Fleet, deployed: object
+) -> None:
     """A slowloris client that never finishes its headers is closed by nginx's timeout."""
     address = fleet.app_servers[0].address
     with (
@@ -207,7 +212,7 @@ def test_a_trickling_handshake_is_cut_by_a_timeout(fleet: fleetctl.Fleet, deploy
 
 
 @pytest.fixture
-def restricted(fleet: fleetctl.Fleet, deployed: object) -> Iterator[fleetctl.FleetHost]:
+def restricted(fleet: localfleet.Fleet, deployed: object) -> Iterator[localfleet.FleetHost]:
     """The fleet redeployed with 5 connections per client and one allowed origin; then back."""
     extra = json.dumps(
         {"nginx_limit_conn_per_ip": 5, "app_allowed_origins": ["https://good.example"]}
@@ -219,7 +224,7 @@ def restricted(fleet: fleetctl.Fleet, deployed: object) -> Iterator[fleetctl.Fle
         ansible_playbook("site.yml")
 
 
-def test_limits_refuse_without_disturbing_others(restricted: fleetctl.FleetHost) -> None:
+def test_limits_refuse_without_disturbing_others(restricted: localfleet.FleetHost) -> None:
     """Past the per-client connection limit, and from a foreign origin: refused; others served."""
     address = restricted.address
 
@@ -250,7 +255,7 @@ def test_limits_refuse_without_disturbing_others(restricted: fleetctl.FleetHost)
     assert replies == ["welcome"]
 
 
-def test_deployed_unit_scores_at_most_1_5(fleet: fleetctl.Fleet, deployed: object) -> None:
+def test_deployed_unit_scores_at_most_1_5(fleet: localfleet.Fleet, deployed: object) -> None:
     """systemd-analyze security on a deployed host rates the app unit 1.5 or below."""
     out = fleet.app_servers[0].ssh("systemd-analyze security --no-pager wsapp@8001.service").stdout
     score = re.search(r"Overall exposure level for wsapp@8001\.service: ([\d.]+)", out)
@@ -258,7 +263,7 @@ def test_deployed_unit_scores_at_most_1_5(fleet: fleetctl.Fleet, deployed: objec
     assert float(score[1]) <= 1.5
 
 
-def test_private_key_is_root_only(fleet: fleetctl.Fleet, deployed: object) -> None:
+def test_private_key_is_root_only(fleet: localfleet.Fleet, deployed: object) -> None:
     """The TLS key on the host is 0600 root:root."""
     out = fleet.app_servers[0].ssh("stat -c '%a %U %G' /etc/ssl/wsfleet/server.key").stdout.strip()
     assert out == "600 root root"

@@ -9,7 +9,8 @@ from pathlib import Path
 
 from websockets.asyncio.client import connect
 
-from tests import fleetctl
+from localfleet.ansible import inventory_var
+from localfleet.inventory import read_fleet
 
 __all__ = ["CHAT_ROOM", "ca_file", "main", "round_trip"]
 
@@ -18,8 +19,6 @@ CHAT_ROOM = "lobby"
 
 def ca_file() -> Path:
     """The demo CA's certificate, read from the demo inventory's ``tls_ca_dir``."""
-    from tests.fleet.helpers import inventory_var
-
     return Path(inventory_var("tls_ca_dir")) / "ca.crt"
 
 
@@ -33,7 +32,7 @@ async def round_trip(address: str, ca: Path, text: str) -> str:
 
 
 def main() -> int:
-    fleet = fleetctl.read_fleet()
+    fleet = read_fleet()
     if not fleet.app_servers:
         print("no demo fleet: run `make demo`", file=sys.stderr)
         return 1

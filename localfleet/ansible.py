@@ -1,4 +1,4 @@
-"""What the fleet tests share: running playbooks against the local fleet, reading recaps."""
+"""Ansible against the local fleet: running playbooks, reading recaps and variables."""
 
 from __future__ import annotations
 
@@ -6,12 +6,11 @@ import json
 import os
 import re
 import subprocess
-from pathlib import Path
 
-__all__ = ["REPO", "ansible_playbook", "inventory_var", "parse_recap"]
+from localfleet.settings import INVENTORY, REPO
 
-REPO = Path(__file__).resolve().parents[2]
-INVENTORY = REPO / "inventories" / "demo"
+__all__ = ["ansible_playbook", "inventory_var", "parse_recap"]
+
 _RECAP = re.compile(r"^(?P<host>\S+)\s+:\s+(?P<counts>(?:\w+=\d+\s*)+)$")
 
 
@@ -24,7 +23,7 @@ def ansible_playbook(*args: str, check: bool = True) -> subprocess.CompletedProc
     """
     env = {**os.environ, "ANSIBLE_NOCOLOR": "1", "ANSIBLE_FORCE_COLOR": "0"}
     result = subprocess.run(
-        [str(REPO / ".venv" / "bin" / "ansible-playbook"), "-i", str(INVENTORY), *args],
+        [str(REPO / ".venv" / "bin" / "ansible-playbook"), "-i", str(INVENTORY.parent), *args],
         cwd=REPO,
         env=env,
         capture_output=True,
@@ -57,7 +56,7 @@ def parse_recap(stdout: str) -> dict[str, dict[str, int]]:
 def inventory_var(name: str, host: str = "all") -> str:
     """A variable of the demo inventory as Ansible renders it (for the first host matched)."""
     result = subprocess.run(
-        [str(REPO / ".venv" / "bin" / "ansible"), "-i", str(INVENTORY), host, "-m",
+        [str(REPO / ".venv" / "bin" / "ansible"), "-i", str(INVENTORY.parent), host, "-m",
          "ansible.builtin.debug", "-a", f"var={name}", "-o", "--limit", "all[0]"],
         cwd=REPO, capture_output=True, text=True, check=True,
     )  # fmt: skip

@@ -1,0 +1,99 @@
+"""The fleet as Ansible sees it: the demo inventory ``up`` writes, and reads back.
+
+Also the hosts' SSH host keys, scanned once they boot, so Ansible checks them
+(``StrictHostKeyChecking=yes``) like any real fleet's.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from localfleet.errors import FleetError, run
+from localfleet.hosts import FleetHost
+from localfleet.settings import FIRST_APP_HOST, INVENTORY, LB_HOST, NAME, NETWORK, SSH_DIR
+
+__all__ = ["Fleet", "plan", "read_fleet", "write_inventory", "write_known_hosts"]
+
+
+@dataclass(frozen=True)
+class Fleet:
+    """The fleet as ``up`` left it: its hosts and its inventory."""
+
+    hosts: tuple[FleetHost, ...]
+    inventory: Path = INVENTORY.parent
+
+    @property
+    def app_servers(self) -> tuple[FleetHost, ...]:
+        return tuple(h for h in self.hosts if "app_servers" in h.groups)
+
+    @property
+    def load_balancers(self) -> tuple[FleetHost, ...]:
+        return tuple(h for h in self.hosts if "load_balancers" in h.groups)
+
+
+def plan(hosts: int, lb: bool) -> tuple[FleetHost, ...]:
+    """Name and address the hosts of a fleet of ``hosts`` app servers (and one balancer)."""
+    if not 1 <= hosts <= 9:
+        raise FleetError(f"--hosts must be between 1 and 9, got {hosts}")
+    planned = [
+        FleetHost(f"{NAME}{i}", str(NETWORK[FIRST_APP_HOST + i - 1]), ("app_servers",))
+        for i in range(1, hosts + 1)
+    ]
+    if lb:
+        planned.insert(0, FleetHost(f"{NAME}lb", str(NETWORK[LB_HOST]), ("load_balancers",)))
+    return tuple(planned)
+
+
+def write_inventory(hosts: Sequence[FleetHost]) -> None:
+    groups: dict[str, list[FleetHost]] = {}
+    for host in hosts:
+        for group in host.groups:
+            groups.setdefault(group, []).append(host)
+    key = SSH_DIR / "id_ed25519"
+    known = SSH_DIR / "known_hosts"
+    lines = [
+        "---",
+        "# Written by `python -m localfleet up`: the local fleet of systemd-nspawn hosts.",
+        "# Rewritten on every `up`; the demo's settings live in group_vars/.",
+        "all:",
+        "  vars:",
+        "    ansible_user: root",
+        "    ansible_python_interpreter: /usr/bin/python3",
+        f"    ansible_ssh_private_key_file: {key}",
+        f"    ansible_ssh_common_args: -o UserKnownHostsFile={known} -o StrictHostKeyChecking=yes",
+        "  children:",
+    ]
+    for group in sorted(groups):
+        lines += [f"    {group}:", "      hosts:"]
+        lines += [f"        {h.name}:\n          ansible_host: {h.address}" for h in groups[group]]
+    INVENTORY.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=INVENTORY.parent, delete=False) as out:
+        out.write("\n".join(lines) + "\n")
+    os.replace(out.name, INVENTORY)
+    INVENTORY.chmod(0o644)
+
+
+def write_known_hosts(hosts: Sequence[FleetHost]) -> None:
+    scan = run(["ssh-keyscan", "-T", "5", "-t", "ed25519", *(h.address for h in hosts)])
+    (SSH_DIR / "known_hosts").write_text(scan.stdout)
+
+
+def read_fleet() -> Fleet:
+    """The fleet the inventory describes (as the last ``up`` wrote it)."""
+    hosts = []
+    if INVENTORY.is_file():
+        group = ""
+        name = ""
+        for line in INVENTORY.read_text().splitlines():
+            stripped = line.strip()
+            if line.startswith("    ") and not line.startswith("     ") and stripped.endswith(":"):
+                group = stripped[:-1]
+            elif line.startswith("        ") and not line.startswith("         "):
+                name = stripped.rstrip(":")
+            elif stripped.startswith("ansible_host:") and name:
+                hosts.append(FleetHost(name, stripped.split(":", 1)[1].strip(), (group,)))
+    return Fleet(tuple(hosts))
