@@ -1,0 +1,190 @@
+"""Rooms that span the fleet: the bus cluster site.yml deploys, and the chat rooms over it."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import time
+
+import pytest
+
+import localfleet
+from localfleet.ansible import ansible_playbook, parse_recap
+from tests.fleet.rooms import Member, members_on, wait_for
+
+Fleet = localfleet.Fleet
+# Members per host: with least_conn over N=2 instances, every instance gets some.
+PER_HOST = 8
+# A window after the last expected delivery in which a duplicate would show.
+LATE_DUPLICATES = 1.0
+
+
+def on_host(host: localfleet.FleetHost, command: str) -> str:
+    result = host.ssh(command)
+    assert result.returncode == 0, f"{host.name}: {command}: {result.stdout}{result.stderr}"
+    return result.stdout
+
+
+async def every_message_once(members: list[Member], label: str) -> None:
+    """Each member sends one message; every member receives each exactly once."""
+    sent = [f"{label}-{i}" for i in range(len(members))]
+    for member, text in zip(members, sent, strict=True):
+        await member.ws.send(text)
+    await wait_for(
+        lambda: all(set(m.received) >= set(sent) for m in members),
+        10,
+        f"{len(members)}x{len(members)} deliveries of {label}",
+    )
+    await asyncio.sleep(LATE_DUPLICATES)
+    for member in members:
+        assert {text: member.received[text] for text in sent} == dict.fromkeys(sent, 1), (
+            f"{member.host} {member.instance}: {member.received}"
+        )
+
+
+def spans_the_fleet(fleet: Fleet, room: str) -> None:
+    """PER_HOST members on every host, on every instance of each, all reach each other."""
+    addresses = [h.address for h in fleet.app_servers for _ in range(PER_HOST)]
+
+    async def scenario() -> None:
+        async with members_on(addresses, room) as members:
+            serving = {m.instance for m in members}
+            expected = {f"{h.name}:{p}" for h in fleet.app_servers for p in (8001, 8002)}
+            assert serving == expected
+            await every_message_once(members, room)
+
+    asyncio.run(scenario())
+
+
+def test_the_bus_is_a_cluster_over_tls_on_every_host(fleet: Fleet, deployed: object) -> None:
+    """Each host's server routes to both others over verified TLS; clients on loopback only."""
+    for host in fleet.app_servers:
+        routes = json.loads(on_host(host, "curl -sf 127.0.0.1:8222/routez"))
+        peers = {route["ip"] for route in routes["routes"]}
+        assert peers == {h.address for h in fleet.app_servers} - {host.address}, routes
+        cluster = json.loads(on_host(host, "curl -sf 127.0.0.1:8222/varz"))["cluster"]
+        assert cluster["tls_required"], cluster
+        assert cluster["tls_verify"], cluster
+        listening = on_host(host, "ss -Hltn")
+        assert re.search(r"127\.0\.0\.1:4222\b", listening)
+        assert not re.search(r"(0\.0\.0\.0|\*|\[::\]):4222\b", listening), listening
+        assert f"{host.address}:6222" in listening
+
+
+def test_the_bus_secrets_are_not_readable_or_printed(fleet: Fleet, deployed: object) -> None:
+    """The token and route password live in files only root (and nats) read; no play prints them."""
+    host = fleet.app_servers[0]
+    assert on_host(host, "stat -c '%a %U %G' /etc/nats-server.conf").strip() == "640 root nats"
+    assert on_host(host, "stat -c '%a %U %G' /etc/wsapp/secrets.env").strip() == "600 root root"
+    token = on_host(host, "sed -n 's/^APP_BUS_TOKEN=//p' /etc/wsapp/secrets.env").strip()
+    assert len(token) >= 32
+    run = ansible_playbook("site.yml", "--diff", "-e", "bus_max_payload=1114113")
+    assert token not in run.stdout
+    ansible_playbook("site.yml")
+
+
+def test_the_bus_unit_scores_at_most_1_5(fleet: Fleet, deployed: object) -> None:
+    """systemd-analyze security on a deployed host rates nats-server with its drop-in <= 1.5."""
+    out = on_host(fleet.app_servers[0], "systemd-analyze security --no-pager nats-server.service")
+    score = re.search(r"Overall exposure level for nats-server\.service: ([\d.]+)", out)
+    assert score, out
+    assert float(score[1]) <= 1.5
+
+
+def test_a_room_spans_every_process_of_every_host(fleet: Fleet, deployed: object) -> None:
+    """24 members over 3 hosts and every instance: 24x24 deliveries, each exactly once."""
+    spans_the_fleet(fleet, "spans")
+
+
+def test_presence_follows_joins_leaves_and_a_restart(fleet: Fleet, deployed: object) -> None:
+    """The member count every member is told equals the true count within 2 s."""
+    addresses = [h.address for h in fleet.app_servers for _ in range(4)]
+
+    async def converged(members: list[Member], what: str) -> float:
+        live = [m for m in members if m.ws.close_code is None]
+        return await wait_for(lambda: all(m.members == len(live) for m in live), 2, what)
+
+    async def scenario() -> None:
+        async with members_on(addresses, "presence") as members:
+            await converged(members, "12 members after the joins")
+            for member in members[:4]:
+                await member.ws.close()
+            await converged(members, "8 members after 4 left")
+            # An instance restarts: its members are closed (1012) and drop out.
+            victim = fleet.app_servers[1]
+            on_host(victim, "systemctl restart wsapp@8001.service")
+            await wait_for(
+                lambda: any(m.ws.close_code for m in members[4:]), 10, "the restart closed members"
+            )
+            await converged(members, "the count after an instance restarted")
+
+    asyncio.run(scenario())
+
+
+def test_a_stopped_bus_server_cuts_off_only_its_own_host(fleet: Fleet, deployed: object) -> None:
+    """With one host's server stopped, the others still reach each other and that host keeps
+    serving; started again, its members are reached within 5 s."""
+    third = fleet.app_servers[2]
+    addresses = [h.address for h in fleet.app_servers for _ in range(4)]
+
+    async def scenario() -> None:
+        async with members_on(addresses, "outage") as members:
+            on_third = [m for m in members if m.host == third.address]
+            others = [m for m in members if m.host != third.address]
+            on_host(third, "systemctl stop nats-server")
+            try:
+                await every_message_once(others, "without-fleet3")
+                assert not any(m.received for m in on_third), "fleet3 was reached without its bus"
+                for port in (8001, 8002):
+                    ready = json.loads(on_host(third, f"curl -sf 127.0.0.1:{port}/readyz"))
+                    assert ready["bus"] == "disconnected", ready
+                    metrics = on_host(third, f"curl -sf 127.0.0.1:{port}/metrics")
+                    assert re.search(r"^wsapp_bus_connected 0\.0$", metrics, re.MULTILINE)
+            finally:
+                on_host(third, "systemctl start nats-server")
+            started = time.monotonic()
+            probe = 0
+            while not all(m.received for m in on_third):
+                assert time.monotonic() - started < 5, "fleet3's members not reached within 5 s"
+                await others[0].ws.send(f"probe-{probe}")
+                probe += 1
+                await asyncio.sleep(0.25)
+
+    asyncio.run(scenario())
+
+
+def test_a_killed_bus_server_is_restarted(fleet: Fleet, deployed: object) -> None:
+    """SIGKILL of nats-server: systemd starts it again (Restart=on-failure)."""
+    host = fleet.app_servers[0]
+    before = on_host(host, "systemctl show -p MainPID --value nats-server").strip()
+    on_host(host, f"kill -9 {before}")
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        now = host.ssh("systemctl show -p MainPID --value nats-server").stdout.strip()
+        if now not in ("0", before) and host.ssh("curl -sf 127.0.0.1:8222/healthz").returncode == 0:
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"nats-server not back within 10 s (MainPID was {before})")
+
+
+@pytest.mark.parametrize(
+    ("extra", "named"),
+    [
+        (["bus_client_port=8001"], "bus_client_port"),
+        (["bus_route_port=443"], "bus_route_port"),
+        (["bus_monitor_port=4222"], "bus_monitor_port"),
+        (["bus_route_address=192.0.2.1"], "bus_route_address"),
+        (["bus_max_payload=1000"], "bus_max_payload"),
+    ],
+)
+def test_bad_bus_variables_fail_before_any_change(
+    fleet: Fleet, deployed: object, extra: list[str], named: str
+) -> None:
+    """A wrong bus variable stops site.yml in preflight, naming it; no host changes."""
+    options = [arg for value in extra for arg in ("-e", value)]
+    result = ansible_playbook("site.yml", *options, check=False)
+    assert result.returncode != 0
+    assert named in result.stdout
+    recap = parse_recap(result.stdout)
+    assert all(counts["changed"] == 0 for counts in recap.values()), recap

@@ -1,0 +1,121 @@
+"""The bus role's templates: the NATS config checked by `nats-server -t`, its unit drop-in by
+`systemd-analyze` (no hosts needed)."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.templates.test_templates import render, role_vars
+
+NATS_SERVER = shutil.which("nats-server") or "/usr/sbin/nats-server"
+DEBIAN_UNIT = Path("/lib/systemd/system/nats-server.service")
+
+
+def bus_vars(
+    host: str = "fleet1", peers: dict[str, str] | None = None, **overrides: Any
+) -> dict[str, Any]:
+    """The bus role's variables on ``host`` of a cluster of ``host`` and ``peers``."""
+    peers = {"fleet2": "10.0.0.12", "fleet3": "10.0.0.13"} if peers is None else peers
+    hosts = {host: "10.0.0.11", **peers}
+    return role_vars(
+        "bus",
+        inventory_hostname=host,
+        ansible_host=hosts[host],
+        groups={"app_servers": list(hosts)},
+        __bus_address=hosts[host],
+        # vars/main.yml's rule needs Ansible's hostvars: the fleet tests run it.
+        __bus_peer_addresses=list(peers.values()),
+        # Test values, not secrets; the password has characters a URL must escape.
+        __bus_client_token="client-secret",  # noqa: S106
+        __bus_route_password="route/secret+1",  # noqa: S106
+        **overrides,
+    )
+
+
+def tls_files(folder: Path) -> None:
+    """A CA and a certificate it issued, as route.crt, route.key and ca.crt in ``folder``."""
+
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], check=True, capture_output=True, cwd=folder)
+
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"]
+    openssl(
+        "req", "-x509", *ec, "-subj", "/CN=ca", "-days", "1", "-keyout", "ca.key", "-out", "ca.crt"
+    )
+    openssl("req", "-new", *ec, "-subj", "/CN=fleet1", "-keyout", "route.key", "-out", "route.csr")
+    openssl("x509", "-req", "-in", "route.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-days", "1",
+            "-CAcreateserial", "-out", "route.crt")  # fmt: skip
+
+
+def nats_check(config: str, folder: Path) -> subprocess.CompletedProcess[str]:
+    """`nats-server -t` on ``config`` with its TLS files in ``folder``."""
+    path = folder / "nats-server.conf"
+    path.write_text(config.replace("/etc/nats-server/", f"{folder}/"))
+    return subprocess.run(
+        [NATS_SERVER, "-t", "-c", str(path)], capture_output=True, text=True, check=False
+    )
+
+
+def test_nats_accepts_the_cluster_config(tmp_path: Path) -> None:
+    """The rendered config passes nats-server -t: clients on loopback, routes to both peers."""
+    tls_files(tmp_path)
+    config = render("etc/nats-server.conf.j2", bus_vars())
+    result = nats_check(config, tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "host: 127.0.0.1\nport: 4222\n" in config
+    assert 'http: "127.0.0.1:8222"' in config
+    routes = re.findall(r'"nats-route://route:([^@]+)@([^"]+)"', config)
+    # The password is URL-encoded in the route URLs; the host's own address is not a route.
+    assert routes == [
+        ("route%2Fsecret%2B1", "10.0.0.12:6222"),
+        ("route%2Fsecret%2B1", "10.0.0.13:6222"),
+    ]
+    assert "verify: true" in config
+
+
+def test_one_host_has_no_routes(tmp_path: Path) -> None:
+    """A fleet of one host: a cluster listener, and no route to dial."""
+    tls_files(tmp_path)
+    config = render("etc/nats-server.conf.j2", bus_vars(peers={}))
+    assert nats_check(config, tmp_path).returncode == 0
+    assert "nats-route://" not in config
+
+
+def test_nats_rejects_a_broken_config(tmp_path: Path) -> None:
+    """The check the role validates with fails on a config NATS cannot read."""
+    tls_files(tmp_path)
+    config = render("etc/nats-server.conf.j2", bus_vars()).replace("port: 4222", "port: {")
+    assert nats_check(config, tmp_path).returncode != 0
+
+
+@pytest.fixture
+def unit_root(tmp_path: Path) -> Path:
+    """A root with Debian's nats-server.service and the role's drop-in over it."""
+    system = tmp_path / "etc/systemd/system"
+    (system / "nats-server.service.d").mkdir(parents=True)
+    shutil.copy(DEBIAN_UNIT, system / "nats-server.service")
+    (system / "nats-server.service.d/wsfleet.conf").write_text(
+        render("etc/systemd/system/nats-server.service.d/wsfleet.conf.j2", bus_vars())
+    )
+    return tmp_path
+
+
+def test_bus_unit_exposure_is_at_most_1_5(unit_root: Path) -> None:
+    """Debian's unit with the role's drop-in scores 1.5 or below, and restarts on failure."""
+    result = subprocess.run(
+        ["systemd-analyze", "security", "--offline=true", f"--root={unit_root}", "--no-pager",
+         "nats-server.service"],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    score = re.search(r"Overall exposure level for nats-server\.service: ([\d.]+)", result.stdout)
+    assert score, result.stdout + result.stderr
+    assert float(score[1]) <= 1.5, result.stdout
+    dropin = (unit_root / "etc/systemd/system/nats-server.service.d/wsfleet.conf").read_text()
+    assert "Restart=on-failure" in dropin
+    assert "IPAddressAllow=localhost 10.0.0.12 10.0.0.13\n" in dropin
