@@ -11,9 +11,10 @@ HOSTS ?= 3
 INVENTORY := inventories/demo
 
 # What the controller needs from Debian: the fleet (systemd-nspawn, debootstrap, SSH),
-# nginx and systemd-analyze for the template checks, Chromium for the browser test.
+# nginx, nats-server and systemd-analyze for the template checks and the app's room
+# tests, Chromium for the browser test.
 APT_PACKAGES := systemd-container debootstrap iproute2 openssh-client util-linux \
-	nginx curl ca-certificates chromium chromium-driver libnss3-tools
+	nginx nats-server curl ca-certificates chromium chromium-driver libnss3-tools
 
 .PHONY: help apt-deps venv lint test test-unit test-fleet demo demo-down fleet-up fleet-status bench clean
 
