@@ -5,11 +5,13 @@ from __future__ import annotations
 import ipaddress
 import os
 import socket
+import string
 
 import pytest
 
 from app import systemd
 from app.config import build_parser, parse_settings
+from app.rooms import subject_token
 from app.server import client_address
 
 TRUSTED = (ipaddress.ip_network("127.0.0.1/32"), ipaddress.ip_network("10.0.0.0/8"))
@@ -111,3 +113,31 @@ def test_bad_bus_settings_are_rejected(variable: str, value: str) -> None:
     with pytest.raises(SystemExit) as exit_info:
         parse_settings([], environ={variable: value})
     assert exit_info.value.code == 2
+
+
+@pytest.mark.parametrize(
+    ("name", "token"),
+    [
+        ("lobby", "lobby"),
+        ("Team_1-b", "Team_1-b"),
+        ("a.b", "a~2Eb"),
+        ("*", "~2A"),
+        (">", "~3E"),
+        ("a b", "a~20b"),
+        ("~", "~7E"),
+        ("é", "~C3~A9"),
+        ("", "~"),
+    ],
+)
+def test_room_names_become_subject_tokens(name: str, token: str) -> None:
+    """A room name of any characters is one NATS subject token: no '.', '*', '>', space."""
+    assert subject_token(name) == token
+
+
+def test_distinct_room_names_get_distinct_tokens() -> None:
+    """The encoding is one to one: names that differ never share a subject."""
+    names = ["a.b", "a~2Eb", "a~2eb", "~", "", "~7E", "A.B", "a b", "a_b", "\udc80", "é", "e"]
+    tokens = [subject_token(name) for name in names]
+    assert len(set(tokens)) == len(names)
+    allowed = set(string.ascii_letters + string.digits + "-_~")
+    assert all(set(token) <= allowed for token in tokens)
