@@ -12,6 +12,7 @@ import time
 import urllib.parse
 from collections import Counter
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 from websockets.asyncio.client import ClientConnection, connect
@@ -127,6 +128,12 @@ def metric(app: AppProcess, name: str) -> float:
     return float(found[1])
 
 
+def no_subscription(server: NatsServer) -> bool:
+    """Whether the one client of ``server`` (an app process) holds no subscription."""
+    (connection,) = server.monitor("connz")["connections"]
+    return connection["subscriptions"] == 0  # type: ignore[no-any-return]
+
+
 def test_without_a_bus_rooms_stay_in_the_process(start_app: StartApp) -> None:
     """No APP_BUS_URL: rooms work in-process as before, the log and /healthz say bus none."""
     first, second = start_chat(start_app, None), start_chat(start_app, None)
@@ -195,6 +202,8 @@ def test_a_room_across_servers_delivers_each_message_once_to_each_member(
         await asyncio.gather(plain.close(), *(member.close() for member in members))
 
     asyncio.run(scenario())
+    for server in servers:  # the last member gone, the process's subscription goes
+        wait_until(partial(no_subscription, server), CONVERGE, f"no subscription on {server.url}")
     # Per process: (room messages published, deliveries to its members from itself and
     # from the bus). apps[0] sent 2 texts and the binary to its 2 members; apps[1] has
     # 3 members (one plain); 7 messages in all.
