@@ -248,7 +248,9 @@ class Bus:
         """
         if subject in self._subscriptions or not self.connected:
             return
-        self._subscriptions[subject] = await self._client.subscribe(subject, cb=self._receive)
+        # Lost meanwhile: the next connection has the caller subscribe again.
+        with contextlib.suppress(nats.errors.Error):
+            self._subscriptions[subject] = await self._client.subscribe(subject, cb=self._receive)
 
     async def unsubscribe(self, subject: str) -> None:
         """Stop receiving ``subject``'s messages (also while disconnected)."""

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import socket
 import string
 import time
@@ -57,6 +58,8 @@ __all__ = [
     "set_current",
     "subject_token",
 ]
+
+logger = logging.getLogger(__name__)
 
 HEARTBEAT = 1.0
 """Seconds between two presence announcements of a room by a process."""
@@ -328,7 +331,12 @@ class Rooms:
             beat = loop.time() >= next_beat
             if beat:
                 next_beat = loop.time() + HEARTBEAT
-            await self._sync(everyone=beat)
+            try:
+                await self._sync(everyone=beat)
+            # Whatever went wrong with one round, presence must not stop for good: the
+            # next heartbeat goes over every room again.
+            except Exception:
+                logger.exception("presence_sync_failed")
 
     async def _sync(self, everyone: bool) -> None:
         assert self._bus is not None
