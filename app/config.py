@@ -9,12 +9,16 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import os
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 __all__ = ["Settings", "build_parser", "parse_settings"]
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+_SUBJECT_PREFIX = re.compile(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*")
 
 
 @dataclass(frozen=True)
@@ -39,6 +43,10 @@ class Settings:
     trusted_proxies: tuple[Network, ...]
     log_format: str
     log_level: str
+    bus_url: tuple[str, ...]
+    bus_token: str
+    bus_prefix: str
+    instance: str
 
 
 # name, type, default, help. The option is --<name>, the env var APP_<NAME>.
@@ -62,7 +70,14 @@ _OPTIONS: list[tuple[str, type, object, str]] = [
     ("trusted_proxies", str, "127.0.0.1,::1", "proxies whose X-Forwarded-For is believed"),
     ("log_format", str, "kv", "log lines as 'kv' (key=value) or 'json'"),
     ("log_level", str, "info", "debug, info, warning or error"),
+    ("bus_url", str, "", "NATS server(s) that carry rooms across the fleet, comma-separated, "
+     "e.g. nats://127.0.0.1:4222 (empty: rooms stay in this process)"),
+    ("bus_token", str, "", "auth token for the bus server (better given in the environment)"),
+    ("bus_prefix", str, "wsapp", "first tokens of the bus subjects: <prefix>.room.<room>"),
+    ("instance", str, "", "label of this process in presence and logs (empty: <hostname>:<port>)"),
 ]  # fmt: skip
+# Options whose value must not show in --help (it prints the defaults, read from APP_*).
+_SECRETS = {"bus_token"}
 # --version conventionally prints the program's own version: the release label is
 # --version-label (still APP_VERSION, the variable the deploy writes).
 _OPTION_NAMES = {"version": "--version-label"}
@@ -92,7 +107,8 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
             type=kind,
             default=env.get(variable, default),
             choices=_CHOICES.get(name),
-            help=f"{text} (env {variable}; default: %(default)s)",
+            help=f"{text} (env {variable}"
+            + (")" if name in _SECRETS else "; default: %(default)s)"),
         )
     return parser
 
@@ -125,6 +141,15 @@ def parse_settings(
         proxies = tuple(ipaddress.ip_network(p, strict=False) for p in _split(args.trusted_proxies))
     except ValueError as error:
         parser.error(f"--trusted-proxies: {error}")
+    bus_urls = _split(args.bus_url)
+    # Not echoed: a URL may carry a user and password.
+    if any(urlsplit(url).scheme not in ("nats", "tls") for url in bus_urls):
+        parser.error("--bus-url: every URL must start with nats:// or tls://")
+    if not _SUBJECT_PREFIX.fullmatch(args.bus_prefix):
+        parser.error(
+            f"--bus-prefix: {args.bus_prefix!r} is not a NATS subject prefix "
+            "(dot-separated tokens of letters, digits, '-' and '_')"
+        )
     if ":" not in args.handler:
         parser.error(f"--handler must be module:callable, got {args.handler!r}")
     return Settings(
@@ -146,4 +171,8 @@ def parse_settings(
         trusted_proxies=proxies,
         log_format=args.log_format,
         log_level=args.log_level,
+        bus_url=bus_urls,
+        bus_token=args.bus_token,
+        bus_prefix=args.bus_prefix,
+        instance=args.instance,
     )

@@ -7,13 +7,18 @@ plain HTTP requests (no ``Upgrade`` header) itself, as ``chat`` does for its pag
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import json
 from http import HTTPStatus
 from urllib.parse import parse_qs, urlsplit
 
 from jinja2 import Environment, PackageLoader, select_autoescape
-from websockets.asyncio.server import ServerConnection, broadcast
+from websockets.asyncio.server import ServerConnection
+from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
+from app import rooms
 from app.server import http_response
 
 __all__ = ["chat", "echo"]
@@ -21,9 +26,8 @@ __all__ = ["chat", "echo"]
 _templates = Environment(
     loader=PackageLoader("app", "templates"), autoescape=select_autoescape(["html"])
 )
-# Clients of each chat room in this process. A room spans one process only: clients that
-# nginx sends to another instance are in another room of the same name.
-_rooms: dict[str, set[ServerConnection]] = {}
+# How often a client that asked for events is told the room's member count, if changed.
+PRESENCE_EVERY = 0.5
 
 
 async def echo(ws: ServerConnection) -> None:
@@ -41,22 +45,46 @@ def _room_of(path: str) -> str:
     return name[:64] or "lobby"
 
 
+def _wants_events(path: str) -> bool:
+    return parse_qs(urlsplit(path).query).get("events", [""])[0] == "1"
+
+
 async def chat(ws: ServerConnection) -> None:
-    """Send each message to every client of the room in this process, the sender too.
+    """Send each message to every member of the room in the fleet, the sender too.
 
     The room is named by the path, ``/ws/<room>``, or by ``/ws?room=<room>``; ``lobby``
     when neither names one. ``GET /?room=<room>`` serves the page that joins it.
+
+    Messages go out as they came in: text as text, binary as binary. A client that adds
+    ``events=1`` to the query (the page does) also gets events as binary frames of
+    JSON: ``{"type": "hello", "instance": ...}`` first (the process serving it), then
+    ``{"type": "presence", "members": N}`` whenever the room's count in the fleet changes.
     """
-    room = _room_of(ws.request.path if ws.request else "/")
-    members = _rooms.setdefault(room, set())
-    members.add(ws)
-    try:
-        async for message in ws:
-            broadcast(members, message)
-    finally:
-        members.discard(ws)
-        if not members:
-            _rooms.pop(room, None)
+    path = ws.request.path if ws.request else "/"
+    async with rooms.joined(_room_of(path), ws) as room:
+        events = asyncio.create_task(_send_events(ws, room)) if _wants_events(path) else None
+        try:
+            async for message in ws:
+                await room.broadcast(message)
+        finally:
+            if events is not None:
+                events.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await events
+
+
+async def _send_events(ws: ServerConnection, room: rooms.Room) -> None:
+    """Tell the client which instance serves it, then the room's count when it changes."""
+    hello = {"type": "hello", "instance": rooms.current().instance}
+    with contextlib.suppress(ConnectionClosed):
+        await ws.send(json.dumps(hello).encode())
+        told = -1
+        while True:
+            members = room.members()
+            if members != told:
+                await ws.send(json.dumps({"type": "presence", "members": members}).encode())
+                told = members
+            await asyncio.sleep(PRESENCE_EVERY)
 
 
 def _chat_page(connection: ServerConnection, request: Request) -> Response | None:

@@ -7,7 +7,7 @@ from collections.abc import Callable
 from prometheus_client import CollectorRegistry, Counter, Gauge, Info, generate_latest
 from websockets.frames import Frame
 
-__all__ = ["Metrics"]
+__all__ = ["BusMetrics", "Metrics"]
 
 
 class Metrics:
@@ -16,9 +16,13 @@ class Metrics:
     Args:
         version: the release label, exposed as ``wsapp_info{version=...}``.
         open_connections: returns the number of open WebSocket connections at scrape time.
+        bus: whether the process talks to a bus; its series exist only then (absent,
+            not 0, where rooms stay in-process).
     """
 
-    def __init__(self, version: str, open_connections: Callable[[], int]) -> None:
+    def __init__(
+        self, version: str, open_connections: Callable[[], int], bus: bool = False
+    ) -> None:
         self.registry = CollectorRegistry()
         Info("wsapp", "The running release.", registry=self.registry).info({"version": version})
         Gauge(
@@ -48,6 +52,16 @@ class Metrics:
         for direction in ("in", "out"):
             self.messages.labels(direction)
             self.bytes.labels(direction)
+        self.deliveries = Counter(
+            "wsapp_room_deliveries",
+            "Room messages written to members, by source: local (a member of this process "
+            "sent it) or bus (another process did).",
+            ["source"],
+            registry=self.registry,
+        )
+        for source in ("local", "bus"):
+            self.deliveries.labels(source)
+        self.bus = BusMetrics(self.registry) if bus else None
 
     def count_frame(self, direction: str, frame: Frame) -> None:
         """Count a data frame: its payload bytes, and a message when it is the last one.
@@ -63,3 +77,41 @@ class Metrics:
     def render(self) -> bytes:
         """The registry in Prometheus text format."""
         return generate_latest(self.registry)
+
+
+class BusMetrics:
+    """The series of the message bus between the processes of the fleet.
+
+    Args:
+        registry: the registry of the process's :class:`Metrics`.
+    """
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.connected = Gauge(
+            "wsapp_bus_connected", "1 while connected to the bus server, else 0.",
+            registry=registry,
+        )  # fmt: skip
+        self.messages = Counter(
+            "wsapp_bus_messages",
+            "Messages on the bus, by direction (out: published, in: received) and kind "
+            "(room: a member's message, presence: a member count).",
+            ["direction", "kind"],
+            registry=registry,
+        )
+        self.dropped = Counter(
+            "wsapp_bus_dropped",
+            "Room messages not published, by reason (disconnected, too_large): only the "
+            "members in this process got them.",
+            ["reason"],
+            registry=registry,
+        )
+        self.rtt = Gauge(
+            "wsapp_bus_rtt_seconds",
+            "Round trip to the bus server (PING/PONG), measured every few seconds.",
+            registry=registry,
+        )
+        for direction in ("in", "out"):
+            for kind in ("room", "presence"):
+                self.messages.labels(direction, kind)
+        for reason in ("disconnected", "too_large"):
+            self.dropped.labels(reason)

@@ -33,7 +33,8 @@ from websockets.http11 import Request, Response
 from websockets.protocol import Event
 from websockets.server import ServerProtocol
 
-from app import systemd
+from app import rooms, systemd
+from app.bus import redact
 from app.config import Network, Settings
 from app.metrics import Metrics
 
@@ -98,7 +99,10 @@ class Server:
         self.http_hook: HttpHook | None = getattr(handler, "process_request", None)
         self.state = RUNNING
         self.port = settings.port
-        self.metrics = Metrics(settings.version, lambda: len(self._connections()))
+        self.metrics = Metrics(
+            settings.version, lambda: len(self._connections()), bus=bool(settings.bus_url)
+        )
+        self.rooms: rooms.Rooms | None = None
         self._server: WebSocketServer | None = None
         self._stopping = asyncio.Event()
 
@@ -111,8 +115,17 @@ class Server:
         """Whether the open connections reached ``--max-connections``."""
         return len(self._connections()) >= self.settings.max_connections
 
+    def bus_state(self) -> str:
+        """``connected``, ``disconnected``, or ``none`` when no bus is configured."""
+        if self.rooms is not None:
+            return self.rooms.bus_state
+        return "disconnected" if self.settings.bus_url else "none"
+
     def status(self) -> dict[str, Any]:
-        """The JSON body of ``/healthz`` and ``/readyz``; ``status`` is ``ok`` when ready."""
+        """The JSON body of ``/healthz`` and ``/readyz``; ``status`` is ``ok`` when ready.
+
+        The bus does not count: without it, the process still serves its own clients.
+        """
         ready = self.state == RUNNING and not self.at_capacity()
         return {
             "status": "ok" if ready else "unavailable",
@@ -121,6 +134,7 @@ class Server:
             "port": self.port,
             "connections": len(self._connections()),
             "version": self.settings.version,
+            "bus": self.bus_state(),
         }
 
     # --- HTTP before the handshake ------------------------------------------------------
@@ -278,11 +292,23 @@ class Server:
         async with server:
             self._server = server
             self.port = _bound_port(server, sock)
+            # Before the loop runs again, so before any handler: the label needs the port.
+            self.rooms = rooms.Rooms(
+                settings.instance or f"{socket.gethostname()}:{self.port}",
+                metrics=self.metrics,
+                bus_servers=settings.bus_url,
+                bus_token=settings.bus_token,
+                prefix=settings.bus_prefix,
+            )
+            rooms.set_current(self.rooms)
+            self.rooms.start()
+            bus = ",".join(redact(url) for url in settings.bus_url) or "none"
             logger.info(
                 "listening",
                 extra={"fields": {
                     "port": self.port, "version": settings.version, "handler": settings.handler,
                     "pid": os.getpid(), "socket_activated": sock is not None,
+                    "instance": self.rooms.instance, "bus": bus,
                 }},
             )  # fmt: skip
             systemd.notify(f"READY=1\nSTATUS=serving on port {self.port}")
@@ -323,6 +349,9 @@ class Server:
             for task in server.handler_tasks:
                 task.cancel()
             await server.wait_closed()
+        if self.rooms is not None:
+            # The handlers have left their rooms: the fleet hears of it before the exit.
+            await self.rooms.close()
         logger.info("stopped", extra={"fields": {"port": self.port}})
 
 

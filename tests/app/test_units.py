@@ -5,11 +5,13 @@ from __future__ import annotations
 import ipaddress
 import os
 import socket
+import string
 
 import pytest
 
 from app import systemd
-from app.config import parse_settings
+from app.config import build_parser, parse_settings
+from app.rooms import subject_token
 from app.server import client_address
 
 TRUSTED = (ipaddress.ip_network("127.0.0.1/32"), ipaddress.ip_network("10.0.0.0/8"))
@@ -68,3 +70,74 @@ def test_notify_without_systemd_does_nothing(monkeypatch: pytest.MonkeyPatch) ->
     """Outside systemd (no NOTIFY_SOCKET) notify() says so and sends nothing."""
     monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
     assert not systemd.notify("READY=1")
+
+
+def test_bus_options_come_from_the_environment() -> None:
+    """APP_BUS_URL (comma-separated), APP_BUS_TOKEN, APP_BUS_PREFIX and APP_INSTANCE."""
+    env = {
+        "APP_BUS_URL": "nats://127.0.0.1:4222, nats://127.0.0.1:4223",
+        "APP_BUS_TOKEN": "s3cret",
+        "APP_BUS_PREFIX": "chat.eu",
+        "APP_INSTANCE": "fleet1:8001",
+    }
+    settings = parse_settings([], environ=env)
+    assert settings.bus_url == ("nats://127.0.0.1:4222", "nats://127.0.0.1:4223")
+    assert (settings.bus_token, settings.bus_prefix, settings.instance) == (
+        "s3cret", "chat.eu", "fleet1:8001",
+    )  # fmt: skip
+    defaults = parse_settings([], environ={})
+    assert (defaults.bus_url, defaults.bus_token, defaults.bus_prefix, defaults.instance) == (
+        (), "", "wsapp", "",
+    )  # fmt: skip
+
+
+def test_help_never_shows_the_bus_token() -> None:
+    """--help prints every default, read from APP_*: except the token's."""
+    text = build_parser({"APP_BUS_TOKEN": "s3cret"}).format_help()
+    assert "APP_BUS_TOKEN" in text
+    assert "s3cret" not in text
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("APP_BUS_URL", "127.0.0.1:4222"),
+        ("APP_BUS_URL", "redis://127.0.0.1"),
+        ("APP_BUS_PREFIX", "a.*"),
+        ("APP_BUS_PREFIX", "a..b"),
+        ("APP_BUS_PREFIX", "with space"),
+    ],
+)
+def test_bad_bus_settings_are_rejected(variable: str, value: str) -> None:
+    """A bus URL that is not nats:// or tls://, a prefix that is no subject: exit 2."""
+    with pytest.raises(SystemExit) as exit_info:
+        parse_settings([], environ={variable: value})
+    assert exit_info.value.code == 2
+
+
+@pytest.mark.parametrize(
+    ("name", "token"),
+    [
+        ("lobby", "lobby"),
+        ("Team_1-b", "Team_1-b"),
+        ("a.b", "a~2Eb"),
+        ("*", "~2A"),
+        (">", "~3E"),
+        ("a b", "a~20b"),
+        ("~", "~7E"),
+        ("é", "~C3~A9"),
+        ("", "~"),
+    ],
+)
+def test_room_names_become_subject_tokens(name: str, token: str) -> None:
+    """A room name of any characters is one NATS subject token: no '.', '*', '>', space."""
+    assert subject_token(name) == token
+
+
+def test_distinct_room_names_get_distinct_tokens() -> None:
+    """The encoding is one to one: names that differ never share a subject."""
+    names = ["a.b", "a~2Eb", "a~2eb", "~", "", "~7E", "A.B", "a b", "a_b", "\udc80", "é", "e"]
+    tokens = [subject_token(name) for name in names]
+    assert len(set(tokens)) == len(names)
+    allowed = set(string.ascii_letters + string.digits + "-_~")
+    assert all(set(token) <= allowed for token in tokens)
