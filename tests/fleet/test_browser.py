@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import tempfile
@@ -26,8 +27,7 @@ CHROMIUM_FLAGS = [
 ]  # fmt: skip
 
 
-@pytest.fixture
-def browser(deployed: object) -> Iterator[webdriver.Chrome]:
+def chromium() -> Iterator[webdriver.Chrome]:
     """Headless Debian Chromium whose certificate store trusts the demo CA (and only that)."""
     home = Path(tempfile.mkdtemp(prefix="wsfleet-browser-"))
     nssdb = home / ".pki" / "nssdb"
@@ -51,6 +51,18 @@ def browser(deployed: object) -> Iterator[webdriver.Chrome]:
         shutil.rmtree(home, ignore_errors=True)
 
 
+@pytest.fixture
+def browser(deployed: object) -> Iterator[webdriver.Chrome]:
+    """One browser."""
+    yield from chromium()
+
+
+@pytest.fixture
+def second_browser(deployed: object) -> Iterator[webdriver.Chrome]:
+    """Another browser, with a profile of its own."""
+    yield from chromium()
+
+
 def test_chat_page_over_https_round_trips_a_message_over_wss(
     fleet: localfleet.Fleet, browser: webdriver.Chrome
 ) -> None:
@@ -72,3 +84,35 @@ def test_chat_page_over_https_round_trips_a_message_over_wss(
     )
     # The page really came over TLS that the browser accepted (no interstitial).
     assert browser.execute_script("return location.protocol") == "https:"
+
+
+def test_two_browsers_on_two_hosts_share_a_room(
+    fleet: localfleet.Fleet, browser: webdriver.Chrome, second_browser: webdriver.Chrome
+) -> None:
+    """Browsers on fleet1 and fleet2 in one room see each other's messages; each page names
+    the host and instance serving it and the room's member count across the fleet."""
+    pages = list(zip(fleet.app_servers[:2], (browser, second_browser), strict=True))
+    for host, driver in pages:
+        driver.get(f"https://{host.address}/?room=two-hosts")
+        wait = WebDriverWait(driver, 20)
+        wait.until(
+            expected_conditions.text_to_be_present_in_element((By.ID, "status"), "connected")
+        )
+        wait.until(expected_conditions.text_to_be_present_in_element((By.ID, "served-by"), ":"))
+        served_by = driver.find_element(By.ID, "served-by").text
+        assert re.fullmatch(rf"{host.name}:800[12]", served_by), served_by
+    for _host, driver in pages:
+        WebDriverWait(driver, 5).until(lambda d: d.find_element(By.ID, "members").text == "2")
+    for index, (host, driver) in enumerate(pages):
+        driver.find_element(By.ID, "message").send_keys(f"hello from {host.name} ({index})")
+        driver.find_element(By.ID, "send").click()
+    for _host, driver in pages:
+        for index, (host, _driver) in enumerate(pages):
+            WebDriverWait(driver, 10).until(
+                expected_conditions.text_to_be_present_in_element(
+                    (By.ID, "messages"), f"hello from {host.name} ({index})"
+                )
+            )
+    # One leaves: the other page's count follows.
+    second_browser.get("about:blank")
+    WebDriverWait(browser, 5).until(lambda d: d.find_element(By.ID, "members").text == "1")

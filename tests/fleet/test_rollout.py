@@ -10,6 +10,7 @@ import pytest
 import localfleet
 from localfleet.ansible import ansible_playbook
 from tests.fleet.load import assert_no_failures, load_on, summary
+from tests.fleet.test_bus import spans_the_fleet
 from tests.fleet.test_release_under_load import versions
 
 
@@ -41,6 +42,12 @@ def test_rollout_reaches_every_instance_and_summarises(
         assert re.search(rf"{host.name}\s+1\.0\.0\s+-> 2\.0\.0\s+[\d.]+s\s+ok", rolled_out), (
             rolled_out
         )
+
+
+def test_a_room_spans_the_fleet_after_the_rollout(fleet: localfleet.Fleet, rolled_out: str) -> None:
+    """On the new release (instances restarted, members joining anew), every member of a
+    room on every instance of every host still gets every message exactly once."""
+    spans_the_fleet(fleet, "after-rollout")
 
 
 def test_a_broken_release_stops_at_the_first_batch(
