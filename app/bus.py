@@ -232,9 +232,7 @@ class Bus:
         if size > self._client.max_payload:
             return "too_large"
         try:
-            await self._client.publish(
-                subject, payload, headers=dict(headers) if headers else None
-            )
+            await self._client.publish(subject, payload, headers=dict(headers) if headers else None)
         except nats.errors.Error:
             return "disconnected"
         return None

@@ -86,8 +86,7 @@ def subject_token(name: str) -> str:
     if not name:
         return "~"
     return "".join(
-        char if char in _PLAIN else "".join(f"~{byte:02X}" for byte in _utf8(char))
-        for char in name
+        char if char in _PLAIN else "".join(f"~{byte:02X}" for byte in _utf8(char)) for char in name
     )
 
 

@@ -43,9 +43,16 @@ def role_vars(*roles: str, **overrides: Any) -> dict[str, Any]:
 
 
 def render(template: str, variables: dict[str, Any]) -> str:
+    """``template`` (a path under templates/) rendered as Ansible's template module would.
+
+    Includes and imports are looked up as Ansible does for a file under templates/: in the
+    template's own folder first, then from templates/ itself.
+    """
+    loader = jinja2.FileSystemLoader([TEMPLATES / Path(template).parent, TEMPLATES])
     env = jinja2.Environment(  # noqa: S701 (config files, not HTML)
-        undefined=jinja2.StrictUndefined, keep_trailing_newline=True, trim_blocks=True
-    )
+        loader=loader, undefined=jinja2.StrictUndefined, keep_trailing_newline=True,
+        trim_blocks=True,
+    )  # fmt: skip
     env.filters.update(FilterModule().filters())
     # Values that are themselves templates (e.g. app_limit_nofile) are rendered first,
     # as often as one refers to another.
@@ -56,7 +63,7 @@ def render(template: str, variables: dict[str, Any]) -> str:
                 # Lookups and role_path are left out: the templates do not use them.
                 with contextlib.suppress(jinja2.UndefinedError):
                     resolved[name] = env.from_string(value).render(resolved)
-    return env.from_string((TEMPLATES / template).read_text()).render(resolved)
+    return env.get_template(template).render(resolved)
 
 
 @pytest.fixture
@@ -157,6 +164,27 @@ def test_load_balancer_site(nginx_prefix: Path) -> None:
     assert "proxy_pass https://wsfleet_backends;" in site
     assert "proxy_ssl_verify on;" in site
     assert "proxy_ssl_name wsfleet-backend.internal;" in site
+
+
+def test_load_balancer_site_staples_ocsp_only_when_asked(nginx_prefix: Path) -> None:
+    """The balancer's site shares the app site's TLS head: stapling only with a responder."""
+    balancer: dict[str, Any] = {
+        "roles": ("nginx", "lb"),
+        "nginx_site_template": "etc/nginx/sites-available/wsfleet-lb.conf.j2",
+        "groups": {"app_servers": ["ws1"]},
+        "hostvars": {"ws1": {"ansible_host": "192.0.2.11"}},
+        "lb_backend_ca_file": "system",
+    }
+    assert nginx_check(nginx_prefix, **balancer).returncode == 0
+    site = nginx_prefix / "sites-enabled" / "wsfleet.conf"
+    assert "ssl_stapling" not in site.read_text()
+    result = nginx_check(
+        nginx_prefix, **balancer, tls_ocsp_responder="http://ocsp.example.test/",
+        nginx_resolver=["127.0.0.1"],
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "ssl_stapling on;" in site.read_text()
+    assert "resolver 127.0.0.1;" in site.read_text()
 
 
 def test_app_site_believes_only_the_load_balancers(nginx_prefix: Path) -> None:
