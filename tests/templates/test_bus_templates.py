@@ -29,6 +29,7 @@ def bus_vars(
         ansible_host=hosts[host],
         groups={"app_servers": list(hosts)},
         __bus_address=hosts[host],
+        app_max_size=1048576,  # the app role's, in the same play
         # vars/main.yml's rule needs Ansible's hostvars: the fleet tests run it.
         __bus_peer_addresses=list(peers.values()),
         # Test values, not secrets; the password has characters a URL must escape.
@@ -70,6 +71,7 @@ def test_nats_accepts_the_cluster_config(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
     assert "host: 127.0.0.1\nport: 4222\n" in config
     assert 'http: "127.0.0.1:8222"' in config
+    assert "max_payload: 1114112\n" in config  # app_max_size and room for subject and headers
     routes = re.findall(r'"nats-route://route:([^@]+)@([^"]+)"', config)
     # The password is URL-encoded in the route URLs; the host's own address is not a route.
     assert routes == [
