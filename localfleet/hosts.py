@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from localfleet.errors import FleetError, run
+from localfleet.errors import FleetError, log, run
 from localfleet.network import link_exists
 from localfleet.settings import BRIDGE, HOSTS_DIR, IMAGE, NETWORK, SSH_DIR
 
@@ -230,7 +230,7 @@ def wait_running(host: FleetHost, deadline: float) -> None:
         state = system_state(host)
         if state == "running" and ssh_ready(host):
             return
-        if state == "degraded":
+        if state == "degraded" and not reset_session_units(host):
             break
         time.sleep(0.5)
     failed = in_host(host, ["systemctl", "--failed", "--no-legend"])
@@ -240,6 +240,25 @@ def wait_running(host: FleetHost, deadline: float) -> None:
         f"failed units:\n{failed.stdout if failed else '?'}\n"
         f"journal tail:\n{journal.stdout if journal else tail(host.log_file)}"
     )
+
+
+# Units of the SSH logins this machine makes into the host (pam_systemd), not of the
+# host's services: on a loaded machine their setup or teardown may fail once.
+SESSION_UNITS = ("user@", "user-runtime-dir@", "session-")
+
+
+def reset_session_units(host: FleetHost) -> bool:
+    """If only login-session units failed, clear them (the host's services are fine) and
+    say so; False when anything else failed."""
+    listed = in_host(host, ["systemctl", "--failed", "--no-legend", "--plain"])
+    units = (
+        [line.split()[0] for line in listed.stdout.splitlines() if line.strip()] if listed else []
+    )
+    if not units or not all(unit.startswith(SESSION_UNITS) for unit in units):
+        return False
+    log(f"{host.name}: clearing failed login-session units {', '.join(units)}")
+    in_host(host, ["systemctl", "reset-failed", *units])
+    return True
 
 
 def ssh_ready(host: FleetHost) -> bool:
