@@ -189,6 +189,12 @@ def test_socket_activation_switches_on_and_off(fleet: Fleet, deployed: object) -
         (["app_compression=brotli"], "app_compression"),
         (['{"nginx_app_paths": ["ws"]}'], "nginx_app_paths"),
         (["nginx_limit_conn_per_ip=100000"], "nginx_limit_conn_per_ip"),
+        # The bus: a port the app or nginx holds, or its own twice; an address not the host's.
+        (["bus_client_port=8001"], "bus_client_port"),
+        (["bus_route_port=443"], "bus_route_port"),
+        (["bus_monitor_port=4222"], "bus_monitor_port"),
+        (["bus_route_address=192.0.2.1"], "bus_route_address"),
+        (["bus_max_payload=1000"], "bus_max_payload"),
     ],
 )
 def test_bad_variables_fail_before_any_change(
