@@ -1,10 +1,12 @@
 """`make bench`: figures to size a fleet with, measured on the local fleet through site.yml.
 
     .venv/bin/python -m bench.fleet_bench [--idle 20000] [--seconds 5] [--out bench/out]
+                                          [--only host|fan-out]
 
-Deploys site.yml to the first host of the local fleet (booting one host when no fleet is
-up) with bench/vars.yml over the demo settings, then measures, each pair side by side in
-this one run, from clients outside the host (bench/loadgen.py over localfleet.load):
+Deploys site.yml with bench/vars.yml over the demo settings to the local fleet (booting
+three hosts when no fleet is up), then measures, each pair side by side in this one run,
+from clients outside the hosts (bench/loadgen.py over localfleet.load); 1 to 4 on the
+first host only (``--limit``), 5 over every host:
 
 1. idle wss connections ramped to --idle with N=2: memory per connection of the app
    instances and of nginx, with permessage-deflate negotiated and without;
@@ -12,10 +14,15 @@ this one run, from clients outside the host (bench/loadgen.py over localfleet.lo
    instance's port vs through nginx+TLS on the same host (rate, p50/p99 latency), and the
    most each path carries;
 3. new wss connections per second through nginx+TLS, with p50/p99 handshake latency;
-4. N=1 vs N=2 processes: handshakes/s and 64 B echo through nginx+TLS.
+4. N=1 vs N=2 processes: handshakes/s and 64 B echo through nginx+TLS;
+5. fan-out: one room of FANOUT_MEMBERS members through nginx+TLS, spread over the hosts
+   and their N=2 processes, FANOUT_PUBLISHERS of them offering FANOUT_RATE messages/s in
+   all (the chat handler): deliveries/s and the latency of a delivery to a member in the
+   sender's own process vs on another host; with the bus vs ``bus_enabled=false``, where
+   a message reaches only the members in the sender's process.
 
 Prints one ``ratio <what>: <value>`` line per pair and writes report.md and PNG plots to
---out. Leaves the host as the demo deploys it (or takes down the fleet it booted).
+--out. Leaves the hosts as the demo deploys them (or takes down the fleet it booted).
 The clients share the machine's cores with the host: every figure comes with the CPU the
 clients, the app and nginx used, so a saturated client is not read as a slow server.
 """
@@ -24,19 +31,21 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import multiprocessing
 import os
 import resource
 import sys
 import time
 import urllib.request
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import localfleet
 from bench import loadgen
-from bench.loadgen import Result
+from bench.loadgen import PATHS, FanOut, Result
 from localfleet.ansible import ansible_playbook
 from localfleet.demo import ca_file
 from localfleet.hosts import host_pid
@@ -52,6 +61,15 @@ ECHO_CONNECTIONS = 32
 WORKERS = 2  # client processes for echo and handshakes: as many as the machine has cores
 IDLE_WORKERS = 4  # the ramp is TLS-handshake bound on the client side
 SATURATED = 0.9  # share of a core past which a client process is said to be the limit
+# Scenario 5: 10 members per process on 3 hosts of N=2; at 200 messages/s the bus owes
+# 12,000 deliveries/s, well below where this 2-core machine saturates (about 1,000
+# messages/s, 60,000 deliveries/s: latency then jumps from ms to tens of ms).
+FANOUT_ROOM = "bench-fanout"
+FANOUT_MEMBERS = 60
+FANOUT_PUBLISHERS = 6
+FANOUT_RATE = 200
+FANOUT_SIZE = 64
+FANOUT_INSTANCES = 2
 
 # Per process on the host: PID, resident KiB, user+system clock ticks.
 SAMPLE = r"""
@@ -63,13 +81,17 @@ done
 for p in $(pgrep -x nginx); do
   echo "nginx $p $(awk '/^VmRSS/{{print $2}}' /proc/$p/status) $(cut -d' ' -f14,15 /proc/$p/stat)"
 done
+for p in $(pgrep -x nats-server); do
+  echo "nats $p $(awk '/^VmRSS/{{print $2}}' /proc/$p/status) $(cut -d' ' -f14,15 /proc/$p/stat)"
+done
 """
 TICKS = os.sysconf("SC_CLK_TCK")
 
 
 @dataclass
 class Sample:
-    """The app instances' and nginx's memory (KiB) and CPU (s) on the host, at one moment."""
+    """The app instances', nginx's and the bus server's memory (KiB) and CPU (s) on the
+    host, at one moment."""
 
     at: float
     rss: dict[str, int]
@@ -83,8 +105,8 @@ class Sample:
 
 def sample(host: localfleet.FleetHost) -> Sample:
     result = host.ssh(SAMPLE.format(app=APP))
-    rss = {"app": 0, "nginx": 0}
-    cpu = {"app": 0.0, "nginx": 0.0}
+    rss = {"app": 0, "nginx": 0, "nats": 0}
+    cpu = {"app": 0.0, "nginx": 0.0, "nats": 0.0}
     for line in result.stdout.splitlines():
         kind, _pid, kib, utime, stime = line.split()
         rss[kind] += int(kib)
@@ -142,13 +164,13 @@ def fresh_processes(host: localfleet.FleetHost, instances: int) -> None:
             time.sleep(0.2)
 
 
-def deploy(host: localfleet.FleetHost, instances: int, extra: list[str]) -> float:
+def deploy(instances: int, extra: list[str], limit: str | None = None) -> float:
+    """site.yml with bench/vars.yml, ``extra`` (VAR=VALUE each) and N=``instances``, to
+    ``limit`` or every host; how long it took."""
     started = time.monotonic()
     options = [arg for value in extra for arg in ("-e", value)]
-    ansible_playbook(
-        "site.yml", "--limit", host.name, "-e", f"@{VARS}", *options,
-        "-e", f"app_instances={instances}",
-    )  # fmt: skip
+    options += ["--limit", limit] if limit else []
+    ansible_playbook("site.yml", "-e", f"@{VARS}", *options, "-e", f"app_instances={instances}")
     return time.monotonic() - started
 
 
@@ -274,11 +296,67 @@ def idle_run(
     }
 
 
+def fan_out_run(
+    hosts: Sequence[localfleet.FleetHost], ca: Path, seconds: float, bus: bool
+) -> tuple[FanOut, dict[str, float]]:
+    """Scenario 5: one room over every host, at FANOUT_RATE; the cores the hosts used
+    while the messages went (not while the members joined)."""
+    urls = [f"wss://{host.address}/ws/{FANOUT_ROOM}?events=1" for host in hosts]
+    barrier = multiprocessing.Barrier(WORKERS + 1)
+    window: dict[str, list[Sample]] = {}
+
+    def while_sending() -> None:
+        barrier.wait(120)
+        end = time.monotonic() + 0.2 + seconds
+        window["before"] = [sample(host) for host in hosts]
+        time.sleep(max(0.0, end - time.monotonic()))
+        window["after"] = [sample(host) for host in hosts]
+
+    result = loadgen.in_workers(
+        loadgen.fan_out,
+        lambda i: (
+            urls,
+            str(ca),
+            FANOUT_MEMBERS // WORKERS,
+            FANOUT_PUBLISHERS // WORKERS,
+            FANOUT_RATE / WORKERS,
+            seconds,
+            FANOUT_SIZE,
+            FANOUT_MEMBERS if bus else None,
+            barrier,
+            i / WORKERS,
+        ),
+        WORKERS,
+        timeout=seconds + 180,
+        while_running=while_sending,
+        kind=FanOut,
+    )
+    assert isinstance(result, FanOut)
+    shares = [b.cpu_share(a) for b, a in zip(window["before"], window["after"], strict=True)]
+    server = {kind: sum(share[kind] for share in shares) for kind in shares[0]}
+    owed = result.expected(bus)
+    latency = ", ".join(
+        f"{path} {result.paths[path].quantile(0.5):.2f}/{result.paths[path].quantile(0.99):.2f}"
+        for path in PATHS
+        if result.paths[path].done
+    )
+    print(
+        f"fan-out {'bus' if bus else 'in-process':<10}: {result.members.total()} members on "
+        f"{len(result.members)} processes ({min(result.members.values(), default=0)}-"
+        f"{max(result.members.values(), default=0)} each), {FANOUT_PUBLISHERS} publishers "
+        f"offering {FANOUT_RATE}/s: {result.published:,.0f} msg/s published, "
+        f"{result.rate:,.0f} deliveries/s ({result.done:,} of {owed:,} owed); "
+        f"p50/p99 ms {latency}; app {server['app']:.2f} cores, nginx {server['nginx']:.2f}, "
+        f"nats {server['nats']:.2f} (all hosts); {client_note(result)}"
+    )
+    return result, server
+
+
 # --- report -----------------------------------------------------------------------------------
 
 
-def ratio(lines: list[str], what: str, value: float) -> None:
-    line = f"ratio {what}: {value:.2f}"
+def ratio(lines: list[str], what: str, value: float, note: str = "") -> None:
+    line = f"ratio {what}: {value:.2f}" + (f" ({note})" if note else "")
     print(line)
     lines.append(line)
 
@@ -360,28 +438,47 @@ def plots(
     return files
 
 
-def report(
+def fan_out_plot(out: Path, runs: dict[str, tuple[FanOut, dict[str, float]]]) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(7, 4.2))
+    for name, (result, _server) in runs.items():
+        for path in PATHS:
+            if not result.paths[path].latencies:
+                continue
+            ordered = sorted(x * 1000 for x in result.paths[path].latencies)
+            style = "-" if name == "bus" else "--"
+            axis.plot(
+                ordered,
+                [i / len(ordered) for i in range(len(ordered))],
+                style,
+                label=f"{name}: {path}",
+            )
+    axis.set_xscale("log")
+    axis.set_xlabel("delivery latency (ms), from the message's send time")
+    axis.set_ylabel("share of deliveries")
+    axis.set_title(f"fan-out: one room of {FANOUT_MEMBERS} members, {FANOUT_RATE} msg/s")
+    axis.grid(True, which="both", alpha=0.3)
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(out / "fan_out_latency.png", dpi=110)
+    plt.close("all")
+    return "fan_out_latency.png"
+
+
+def host_sections(
     out: Path,
-    context: dict[str, Any],
     echo: dict[str, Any],
     idle: dict[str, Any],
     hs: dict[int, Result],
     most: dict[int, Result],
-    ratios: list[str],
-) -> None:
+) -> list[str]:
+    """Report sections 1 to 4."""
     files = plots(out, echo, idle, hs, most)
     md = [
-        "# wsfleet benchmark",
-        "",
-        f"{context['when']}; controller {context['cpus']} CPUs, load average "
-        f"{context['load']:.2f} at start; host {context['host']} (systemd-nspawn on the same "
-        "machine: clients, nginx and the app share its cores). `make bench` wrote this; "
-        f"variables set over bench/vars.yml: {context['set']}.",
-        "",
-        "```",
-        *ratios,
-        "```",
-        "",
         "## 1. Idle connections (N=2, through nginx+TLS)",
         "",
         "| client offers | open | refused | ramp /s | per instance "
@@ -432,6 +529,65 @@ def report(
             f"{hs[n].quantile(0.99):.2f} | {hs[n].failed} | {most[n].rate:,.0f} |"
         )
     md += ["", f"![processes]({files[2]})", ""]
+    return md
+
+
+def fan_out_section(
+    out: Path, runs: dict[str, tuple[FanOut, dict[str, float]]], seconds: float
+) -> list[str]:
+    """Report section 5."""
+    md = [
+        f"## 5. Fan-out: one room over {len(runs['bus'][0].members) // FANOUT_INSTANCES} "
+        f"hosts (N={FANOUT_INSTANCES}, through nginx+TLS)",
+        "",
+        f"{FANOUT_MEMBERS} members of one room (the chat handler), spread evenly over the "
+        f"hosts; {FANOUT_PUBLISHERS} of them send {FANOUT_RATE} messages/s of {FANOUT_SIZE} "
+        f"B in all for {seconds:g} s. A delivery is timed from its message's send time (the "
+        "time it was due when the sender ran late); one not in "
+        f"{loadgen.LINGER:g} s after the last send is lost. Same process: the member shares "
+        "the sender's process (the sender included); same host: another process of its "
+        "host; cross-host: a process on another host. In-process: `bus_enabled=false`, a "
+        "message reaches only the members in the sender's process. Cores: summed over the "
+        "hosts while the messages went; busiest client: over its whole run, the joins and "
+        "the wait for the last deliveries included.",
+        "",
+        "| run | members per process | published /s | deliveries/s | owed | lost "
+        + "".join(f"| {path} p50/p99 ms " for path in PATHS)
+        + "| app cores | nginx cores | nats cores | busiest client |",
+        "|---|---|---|---|---|---" + "|---" * len(PATHS) + "|---|---|---|---|",
+    ]
+    for name, (r, server) in runs.items():
+        owed = r.expected(name == "bus")
+        latency = "".join(
+            f"| {r.paths[path].quantile(0.5):.2f}/{r.paths[path].quantile(0.99):.2f} "
+            if r.paths[path].done
+            else "| - "
+            for path in PATHS
+        )
+        md.append(
+            f"| {name} | {sorted(r.members.values())} | {r.published:,.0f} | {r.rate:,.0f} "
+            f"| {owed:,} | {owed - r.done:,} {latency}| {server['app']:.2f} "
+            f"| {server['nginx']:.2f} | {server['nats']:.2f} | {max(r.client_cpu):.0%} |"
+        )
+    md += ["", f"![fan-out latency]({fan_out_plot(out, runs)})", ""]
+    return md
+
+
+def report(out: Path, context: dict[str, Any], ratios: list[str], sections: list[str]) -> None:
+    md = [
+        "# wsfleet benchmark",
+        "",
+        f"{context['when']}; controller {context['cpus']} CPUs, load average "
+        f"{context['load']:.2f} at start; hosts {context['hosts']} (systemd-nspawn on the "
+        "same machine: clients, nginx and the app share its cores). `make bench` wrote "
+        f"this; variables set over bench/vars.yml: {context['set']}.",
+        "",
+        "```",
+        *ratios,
+        "```",
+        "",
+        *sections,
+    ]
     (out / "report.md").write_text("\n".join(md))
     print(f"report: {out / 'report.md'}")
 
@@ -439,14 +595,98 @@ def report(
 # --- main -------------------------------------------------------------------------------------
 
 
+def host_scenarios(
+    host: localfleet.FleetHost, ca: Path, args: argparse.Namespace, ratios: list[str]
+) -> list[str]:
+    """Scenarios 1 to 4 on ``host`` alone; their report sections."""
+    print(f"deploy N=1 to {host.name}: {deploy(1, args.set, limit=host.name):.0f} s")
+    echo = echo_runs(host, ca, args.seconds)
+    hs = {1: handshake_run(host, ca, args.seconds * 2, "N=1")}
+    most = {1: echo["max"][("nginx+TLS", 64)][0]}
+
+    print(f"deploy N=2 to {host.name}: {deploy(2, args.set, limit=host.name):.0f} s")
+    hs[2] = handshake_run(host, ca, args.seconds * 2, "N=2")
+    wss_64 = (f"wss://{host.address}/", str(ca), 64, args.seconds, ECHO_CONNECTIONS // WORKERS)
+    most[2], server = measured(host, loadgen.echo_closed_loop, wss_64, args.seconds)
+    print(
+        f"echo    64 B most  nginx+TLS N=2: {most[2].rate:>8,.0f} msg/s; app "
+        f"{server['app']:.2f} cores, nginx {server['nginx']:.2f}; {client_note(most[2])}"
+    )
+    idle = {
+        "none": idle_run(host, ca, args.idle, None, 2),
+        "deflate": idle_run(host, ca, args.idle, "deflate", 2),
+    }
+
+    for size in LOADS:
+        direct = echo["max"][("direct", size)][0].rate
+        ratio(
+            ratios,
+            f"echo {size} B msg/s nginx+TLS/direct (N=1)",
+            echo["max"][("nginx+TLS", size)][0].rate / direct,
+        )
+    total = {n: run["kib"]["app"] + run["kib"]["nginx"] for n, run in idle.items()}
+    ratio(
+        ratios,
+        "idle KiB per connection deflate/none (app+nginx)",
+        total["deflate"] / total["none"],
+    )
+    ratio(
+        ratios,
+        "idle KiB per connection nginx/app (none)",
+        idle["none"]["kib"]["nginx"] / idle["none"]["kib"]["app"],
+    )
+    ratio(ratios, "handshakes/s N=2/N=1", hs[2].rate / hs[1].rate)
+    ratio(ratios, "echo 64 B msg/s through nginx+TLS N=2/N=1", most[2].rate / most[1].rate)
+    return host_sections(args.out, echo, idle, hs, most)
+
+
+def fan_out_scenario(
+    hosts: Sequence[localfleet.FleetHost], ca: Path, args: argparse.Namespace, ratios: list[str]
+) -> list[str]:
+    """Scenario 5 on every host, with the bus and without; its report section."""
+    runs = {}
+    chat = [*args.set, "app_handler=app.handlers:chat"]
+    for name, enabled in (("bus", True), ("in-process", False)):
+        took = deploy(FANOUT_INSTANCES, [*chat, f"bus_enabled={str(enabled).lower()}"])
+        print(
+            f"deploy N={FANOUT_INSTANCES}, chat, bus_enabled={enabled} to every host: {took:.0f} s"
+        )
+        runs[name] = fan_out_run(hosts, ca, args.seconds, enabled)
+    bus, local = runs["bus"][0], runs["in-process"][0]
+    ratio(
+        ratios,
+        "fan-out latency p50 cross-host/same-process",
+        bus.paths["cross-host"].quantile(0.5) / bus.paths["same process"].quantile(0.5),
+    )
+    ratio(
+        ratios,
+        "fan-out latency p50 same-process bus/in-process",
+        bus.paths["same process"].quantile(0.5) / local.paths["same process"].quantile(0.5),
+    )
+    ratio(
+        ratios,
+        "fan-out deliveries/s bus/in-process",
+        bus.rate / (local.rate or math.nan),
+        f"total over the room at the same offered rate, so set by the placement: "
+        f"it owes {bus.expected(True) / max(local.expected(False), 1):.2f}",
+    )
+    return fan_out_section(args.out, runs, args.seconds)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--idle", type=int, default=20000, help="idle connections to hold")
-    parser.add_argument("--seconds", type=float, default=5.0, help="length of each echo run")
+    parser.add_argument(
+        "--seconds", type=float, default=5.0, help="length of each echo or fan-out run, s"
+    )
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "out")
     parser.add_argument(
         "--set", action="append", default=[], metavar="VAR=VALUE",
         help="a role variable for the deploys (ansible -e), to measure a tuning; repeatable",
+    )  # fmt: skip
+    parser.add_argument(
+        "--only", choices=["host", "fan-out"],
+        help="only scenarios 1-4 (on the first host) or only 5 (over every host)",
     )  # fmt: skip
     args = parser.parse_args()
     # Every idle connection is a descriptor in one of the client processes (a quarter of
@@ -463,63 +703,40 @@ def main() -> int:
     fleet = localfleet.read_fleet()
     booted = not (fleet.app_servers and host_pid(fleet.app_servers[0]))
     if booted:
-        fleet = localfleet.up(hosts=1)
-    host = fleet.app_servers[0]
+        fleet = localfleet.up(hosts=3)
+    hosts = fleet.app_servers
+    fan_out = args.only != "host"
+    if fan_out and len(hosts) < 2:
+        print(
+            f"fan-out skipped: the fleet has {len(hosts)} app server, it takes 2 or more "
+            "(`python -m localfleet up --hosts 3`)"
+        )
+        fan_out = False
     context = {
         "set": " ".join(args.set) or "none",
         "when": time.strftime("%Y-%m-%d %H:%M"),
         "cpus": os.cpu_count(),
         "load": os.getloadavg()[0],
-        "host": host.name,
+        "hosts": ", ".join(host.name for host in hosts),
     }
     ratios: list[str] = []
+    sections: list[str] = []
     try:
-        print(f"deploy N=1 to {host.name}: {deploy(host, 1, args.set):.0f} s")
         ca = ca_file()
-        echo = echo_runs(host, ca, args.seconds)
-        hs = {1: handshake_run(host, ca, args.seconds * 2, "N=1")}
-        most = {1: echo["max"][("nginx+TLS", 64)][0]}
-
-        print(f"deploy N=2 to {host.name}: {deploy(host, 2, args.set):.0f} s")
-        hs[2] = handshake_run(host, ca, args.seconds * 2, "N=2")
-        wss_64 = (f"wss://{host.address}/", str(ca), 64, args.seconds, ECHO_CONNECTIONS // WORKERS)
-        most[2], server = measured(host, loadgen.echo_closed_loop, wss_64, args.seconds)
-        print(
-            f"echo    64 B most  nginx+TLS N=2: {most[2].rate:>8,.0f} msg/s; app "
-            f"{server['app']:.2f} cores, nginx {server['nginx']:.2f}; {client_note(most[2])}"
-        )
-        idle = {
-            "none": idle_run(host, ca, args.idle, None, 2),
-            "deflate": idle_run(host, ca, args.idle, "deflate", 2),
-        }
-
-        for size in LOADS:
-            direct = echo["max"][("direct", size)][0].rate
-            ratio(
-                ratios,
-                f"echo {size} B msg/s nginx+TLS/direct (N=1)",
-                echo["max"][("nginx+TLS", size)][0].rate / direct,
-            )
-        total = {n: run["kib"]["app"] + run["kib"]["nginx"] for n, run in idle.items()}
-        ratio(
-            ratios,
-            "idle KiB per connection deflate/none (app+nginx)",
-            total["deflate"] / total["none"],
-        )
-        ratio(
-            ratios,
-            "idle KiB per connection nginx/app (none)",
-            idle["none"]["kib"]["nginx"] / idle["none"]["kib"]["app"],
-        )
-        ratio(ratios, "handshakes/s N=2/N=1", hs[2].rate / hs[1].rate)
-        ratio(ratios, "echo 64 B msg/s through nginx+TLS N=2/N=1", most[2].rate / most[1].rate)
-        report(args.out, context, echo, idle, hs, most, ratios)
+        if args.only != "fan-out":
+            sections += host_scenarios(hosts[0], ca, args, ratios)
+        if fan_out:
+            sections += fan_out_scenario(hosts, ca, args, ratios)
+        report(args.out, context, ratios, sections)
     finally:
         if booted:
             localfleet.down()
+        elif fan_out:
+            print("putting every host back as the demo deploys it")
+            ansible_playbook("site.yml")
         else:
-            print(f"putting {host.name} back as the demo deploys it")
-            ansible_playbook("site.yml", "--limit", host.name)
+            print(f"putting {hosts[0].name} back as the demo deploys it")
+            ansible_playbook("site.yml", "--limit", hosts[0].name)
     return 0
 
 

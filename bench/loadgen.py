@@ -11,18 +11,31 @@ falls behind its schedule counts the delay (no coordinated omission).
 from __future__ import annotations
 
 import asyncio
+import functools
+import json
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
 from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed
 
 from localfleet import load
 from localfleet.load import Tally, client_context, open_counted
 
-__all__ = ["Result", "echo_at_rate", "echo_closed_loop", "handshakes", "hold_idle", "in_workers"]
+__all__ = [
+    "PATHS",
+    "FanOut",
+    "Result",
+    "echo_at_rate",
+    "echo_closed_loop",
+    "fan_out",
+    "handshakes",
+    "hold_idle",
+    "in_workers",
+]
 
 
 @dataclass
@@ -42,6 +55,43 @@ class Result(Tally):
         super().merge(other)
         self.seconds = max(self.seconds, other.seconds)
         self.client_cpu += other.client_cpu
+
+
+# How a delivery reached its member, seen from the sender: its own process, another
+# process on its host, or a process on another host (through the bus in both last cases).
+PATHS = ("same process", "same host", "cross-host")
+LINGER = 2.0  # seconds the fan-out's members wait for deliveries after the last send
+
+
+@dataclass
+class FanOut(Result):
+    """What the fan-out measured (done and latencies: deliveries, whatever their path),
+    merged over its client processes."""
+
+    paths: dict[str, Tally] = field(default_factory=lambda: {path: Tally() for path in PATHS})
+    joins: Tally = field(default_factory=Tally)  # the members' handshakes
+    sent: Counter[str] = field(default_factory=Counter)  # messages, per sender's instance
+    members: Counter[str] = field(default_factory=Counter)  # per instance
+
+    @property
+    def published(self) -> float:
+        """Messages sent per second."""
+        return self.sent.total() / self.seconds if self.seconds else 0.0
+
+    def expected(self, bus: bool) -> int:
+        """Deliveries owed: to every member with the bus, else to the sender's process's."""
+        if bus:
+            return self.sent.total() * self.members.total()
+        return sum(count * self.members[instance] for instance, count in self.sent.items())
+
+    def merge(self, other: Result) -> None:
+        super().merge(other)
+        if isinstance(other, FanOut):
+            for path, tally in other.paths.items():
+                self.paths[path].merge(tally)
+            self.joins.merge(other.joins)
+            self.sent.update(other.sent)
+            self.members.update(other.members)
 
 
 # --- scenarios (one process's share) --------------------------------------------------------
@@ -198,11 +248,128 @@ async def hold_idle(
     return result
 
 
+@dataclass
+class _Member:
+    """One connection in the room: the host it went to, the instance nginx gave it."""
+
+    ws: ClientConnection
+    host: int
+    instance: str = ""
+    greeted: asyncio.Event = field(default_factory=asyncio.Event)
+    counted: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+async def fan_out(
+    urls: list[str],
+    ca_file: str | None,
+    members: int,
+    publishers: int,
+    rate: float,
+    seconds: float,
+    size: int,
+    room_size: int | None,
+    barrier: Any,
+    phase: float,
+) -> FanOut:
+    """Join ``members`` to one room, member i through ``urls[i % len(urls)]`` (one per host,
+    with ``events=1``); the first ``publishers`` of them offer ``rate`` messages/s of
+    ``size`` bytes between them for ``seconds``; time each delivery to each member.
+
+    Each message carries the time it was sent, its sender's host and instance; the member
+    that gets it knows its own from the ``hello`` event, so each delivery is filed under
+    one of :data:`PATHS`. The stamps are CLOCK_MONOTONIC, one clock for every process
+    of this machine, so a delivery is timed whichever client process sent it.
+
+    ``room_size``: with the bus, the members in the whole room (of every client process);
+    sending starts once each member here was told that count (``presence``), i.e. once
+    every process of the fleet holding members has subscribed. None: no bus, no wait.
+    ``barrier`` (shared by the client processes, and by the parent if it measures the
+    hosts while the messages go) starts them together, 0.2 s after it opens; ``phase``
+    (0..1) staggers the publishers of this process between those of the others.
+    """
+    result = FanOut(seconds=seconds)
+    context = client_context(ca_file)
+
+    def clock() -> float:
+        return time.clock_gettime(time.CLOCK_MONOTONIC)
+
+    async def read(member: _Member) -> None:
+        try:
+            async for message in member.ws:
+                if isinstance(message, bytes):  # an event
+                    event = json.loads(message)
+                    if event["type"] == "hello":
+                        member.instance = event["instance"]
+                        member.greeted.set()
+                    elif room_size is not None and event["members"] >= room_size:
+                        member.counted.set()
+                    continue
+                arrived = clock()
+                due, host, instance, _rest = message.split(" ", 3)
+                if instance == member.instance:
+                    path = "same process"
+                elif int(host) == member.host:
+                    path = "same host"
+                else:
+                    path = "cross-host"
+                result.paths[path].ok(arrived - float(due))
+                result.ok(arrived - float(due))
+        except ConnectionClosed as error:
+            result.fail(error)
+
+    joined: list[_Member] = []
+    readers = []
+    # One after the other, so nginx's least_conn spreads them evenly over a host's instances.
+    for i in range(members):
+        ws = await open_counted(
+            urls[i % len(urls)], context, result.joins, compression=None, ping_interval=None
+        )
+        if ws is not None:
+            joined.append(member := _Member(ws, i % len(urls)))
+            readers.append(asyncio.create_task(read(member)))
+    try:
+        await asyncio.wait_for(asyncio.gather(*(m.greeted.wait() for m in joined)), timeout=10)
+        result.members.update(m.instance for m in joined)
+        if room_size is not None:
+            await asyncio.wait_for(asyncio.gather(*(m.counted.wait() for m in joined)), 30)
+    except TimeoutError:
+        result.fail(f"the members were not all greeted, or not all told of {room_size}")
+    await asyncio.to_thread(barrier.wait, 120)
+
+    start = clock() + 0.2
+    interval = publishers / rate  # seconds between two messages of one publisher
+
+    async def publish(member: _Member, offset: float) -> None:
+        for k in range(round(seconds / interval)):
+            due = start + offset + k * interval
+            if (wait := due - clock()) > 0:
+                await asyncio.sleep(wait)
+            # Late, the time it was due; early (uvloop's timers round to the millisecond),
+            # the time it goes: never a delivery before its stamp.
+            stamp = max(due, clock())
+            await member.ws.send(
+                f"{stamp:.6f} {member.host} {member.instance} {k} ".ljust(size, "x")
+            )
+            result.sent[member.instance] += 1
+
+    senders = joined[:publishers]
+    await asyncio.gather(
+        *(publish(m, (k + phase) * interval / len(senders)) for k, m in enumerate(senders))
+    )
+    # What has not come LINGER seconds after the last message was due is counted as lost.
+    await asyncio.sleep(max(0.0, start + seconds + LINGER - clock()))
+    for reader in readers:
+        reader.cancel()
+    await asyncio.gather(*readers, return_exceptions=True)
+    await asyncio.gather(*(m.ws.close() for m in joined), return_exceptions=True)
+    return result
+
+
 # --- processes --------------------------------------------------------------------------------
 
 
-def _failed(error: BaseException) -> Result:
-    result = Result()
+def _failed(kind: type[Result], error: BaseException) -> Result:
+    result = kind()
     result.fail(error)
     return result
 
@@ -213,14 +380,16 @@ def in_workers(
     workers: int,
     timeout: float,
     while_running: Callable[[], None] | None = None,
+    kind: type[Result] = Result,
 ) -> Result:
     """Run ``scenario(*args_of(i))`` in process i of ``workers``; the merged result.
 
     ``while_running`` is called once the processes started (the idle scenario measures the
-    hosts there, then releases its clients).
+    hosts there, then releases its clients). ``kind``: the scenario's result class.
     """
-    merged = Result()
-    for result, cpu in load.in_workers(scenario, args_of, workers, timeout, _failed, while_running):
+    failed = functools.partial(_failed, kind)  # a module function: it must pickle
+    merged = kind()
+    for result, cpu in load.in_workers(scenario, args_of, workers, timeout, failed, while_running):
         result.client_cpu = [cpu]
         merged.merge(result)
     return merged
