@@ -68,7 +68,8 @@ $(BIN)/.bench-installed: requirements/bench.txt $(BIN)/.installed
 	touch $@
 
 # Figures to size a fleet with, measured through site.yml on the local fleet (the first
-# host; one is booted when no fleet is up): bench/fleet_bench.py says what and how.
+# host, and every host for the fan-out; three are booted when no fleet is up):
+# bench/fleet_bench.py says what and how.
 bench: apt-deps venv $(BIN)/.bench-installed
 	$(BIN)/python -m bench.fleet_bench
 
