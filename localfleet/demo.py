@@ -1,4 +1,5 @@
-"""What `make demo` prints last: where the demo fleet answers, and one real round trip."""
+"""What `make demo` prints last: where the demo fleet answers, a real round trip, and a
+message heard across two hosts of one room."""
 
 from __future__ import annotations
 
@@ -31,6 +32,27 @@ async def round_trip(address: str, ca: Path, text: str) -> str:
     return reply if isinstance(reply, str) else reply.decode()
 
 
+async def across(listener: str, speaker: str, ca: Path, text: str) -> str:
+    """A member of the room on ``listener`` receives what one on ``speaker`` sends."""
+    context = ssl.create_default_context(cafile=str(ca))
+    async with (
+        connect(f"wss://{listener}/ws/{CHAT_ROOM}", ssl=context, open_timeout=10) as ear,
+        connect(f"wss://{speaker}/ws/{CHAT_ROOM}", ssl=context, open_timeout=10) as mouth,
+    ):
+        # The listener's process subscribes as it joins; until its interest has reached
+        # the speaker's host, a message has nowhere to go there: say it again shortly.
+        for _ in range(30):
+            await mouth.send(text)
+            try:
+                heard = await asyncio.wait_for(ear.recv(), timeout=0.3)
+                break
+            except TimeoutError:
+                continue
+        else:
+            raise TimeoutError(f"nothing heard on {listener} from {speaker} within 9 s")
+    return heard if isinstance(heard, str) else heard.decode()
+
+
 def main() -> int:
     fleet = read_fleet()
     if not fleet.app_servers:
@@ -45,6 +67,10 @@ def main() -> int:
     first = fleet.app_servers[0]
     reply = asyncio.run(round_trip(first.address, ca, "hello from make demo"))
     print(f"  round trip through {first.name}: sent 'hello from make demo', got {reply!r}")
+    if len(fleet.app_servers) > 1:
+        second = fleet.app_servers[1]
+        heard = asyncio.run(across(first.address, second.address, ca, f"hello from {second.name}"))
+        print(f"  the room spans the fleet: a member on {first.name} heard {heard!r}")
     return 0
 
 
