@@ -51,7 +51,7 @@ class Result(Tally):
     def rate(self) -> float:
         return self.done / self.seconds if self.seconds else 0.0
 
-    def merge(self, other: Result) -> None:  # type: ignore[override]
+    def merge(self, other: Result) -> None:
         super().merge(other)
         self.seconds = max(self.seconds, other.seconds)
         self.client_cpu += other.client_cpu
