@@ -262,5 +262,8 @@ def test_config_nginx_rejects_leaves_the_old_one_serving(
     assert says in result.stdout
     assert on_host(host, state) == before
     assert on_host(host, "systemctl is-active nginx").strip() == "active"
+    # The failure came after the deploy lock was taken: the rescue released it.
+    for each in fleet.app_servers:
+        assert each.ssh("test -e /var/lib/wsfleet/deploy.lock").returncode == 1, each.name
     reply = asyncio.run(round_trip(host.address, ca_file(), "still serving"))
     assert reply == "still serving"
