@@ -16,7 +16,7 @@ INVENTORY := inventories/demo
 APT_PACKAGES := systemd-container debootstrap iproute2 openssh-client util-linux \
 	nginx nats-server curl ca-certificates chromium chromium-driver libnss3-tools
 
-.PHONY: help apt-deps venv lint test test-unit test-fleet demo demo-down fleet-up fleet-status bench clean
+.PHONY: help apt-deps venv lint test test-unit test-fleet demo demo-down fleet-up fleet-status status bench clean
 
 help:
 	@echo "make demo       local fleet of $(HOSTS) hosts, deployed with site.yml; prints the URLs"
@@ -24,6 +24,7 @@ help:
 	@echo "make test       lint, unit, template and fleet tests (installs what it needs)"
 	@echo "make lint       ruff, mypy --strict, yamllint, ansible-lint"
 	@echo "make bench      capacity figures on the local fleet; report in bench/out/"
+	@echo "make status     one table of the fleet (FORMAT=json for scripts; INVENTORY=...)"
 
 apt-deps:
 	@missing=""; for p in $(APT_PACKAGES); do \
@@ -78,6 +79,11 @@ fleet-up: apt-deps venv
 
 fleet-status: venv
 	$(BIN)/python -m localfleet status
+
+# The deployed fleet in one table (playbooks/status.yml), the demo's unless
+# INVENTORY=inventories/production; FORMAT=json prints the JSON document instead.
+status: venv
+	$(BIN)/ansible-playbook -i $(INVENTORY) playbooks/status.yml $(if $(FORMAT),-e status_format=$(FORMAT))
 
 demo: fleet-up
 	$(BIN)/ansible-playbook -i $(INVENTORY) site.yml
