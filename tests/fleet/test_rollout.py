@@ -70,6 +70,9 @@ def test_a_broken_release_stops_at_the_first_batch(
         assert current_release(host) == "2.0.0"
         assert "3.0.0-broken" not in host.ssh("ls /opt/wsapp/releases").stdout
     assert versions(fleet) == {h.name: {"2.0.0"} for h in fleet.app_servers}
+    # The gate failed after the deploy lock was taken: the rescue released it everywhere.
+    for host in fleet.app_servers:
+        assert host.ssh("test -e /var/lib/wsfleet/deploy.lock").returncode == 1, host.name
 
 
 def test_rollback_under_load_returns_to_the_previous_release(
