@@ -746,10 +746,12 @@ def host_scenarios(
     ratio(ratios, "handshakes/s N=2/N=1", hs[2].rate / hs[1].rate)
     ratio(ratios, "echo 64 B msg/s through nginx+TLS N=2/N=1", most[2].rate / most[1].rate)
     for (name, size), us in echo["us"].items():
-        ratios.append(
+        line = (
             f"cpu us per echoed {size} B message, most, {name} (N=1): "
             f"nginx {us['nginx']:.1f}, app {us['app']:.1f}"
         )
+        print(line)
+        ratios.append(line)
     sections = host_sections(args.out, echo, idle, hs, most)
     if args.capacity:
         sections += capacity_section(capacity_run(host, ca, args, ratios), args.capacity)
