@@ -1,6 +1,7 @@
 """`make bench`: figures to size a fleet with, measured on the local fleet through site.yml.
 
-    .venv/bin/python -m bench.fleet_bench [--idle 20000] [--seconds 5] [--out bench/out]
+    .venv/bin/python -m bench.fleet_bench [--idle 20000] [--capacity 50000] [--seconds 5]
+                                          [--out bench/out]
                                           [--only host|fan-out]
 
 Deploys site.yml with bench/vars.yml over the demo settings to the local fleet (booting
@@ -19,9 +20,14 @@ first host only (``--limit``), 5 over every host:
    and their N=2 processes, FANOUT_PUBLISHERS of them offering FANOUT_RATE messages/s in
    all (the chat handler): deliveries/s and the latency of a delivery to a member in the
    sender's own process vs on another host; with the bus vs ``bus_enabled=false``, where
-   a message reaches only the members in the sender's process.
+   a message reaches only the members in the sender's process;
+6. capacity, on the first host: --capacity idle wss connections (50,000) with N=3 and
+   CAPACITY_VARS, the clients spread over CAPACITY_WORKERS source addresses added to the
+   bridge for the run (one address reaches one destination from about 28,000 ports):
+   refused, memory per connection.
 
-Prints one ``ratio <what>: <value>`` line per pair and writes report.md and PNG plots to
+Prints one ``ratio <what>: <value>`` line per pair, the CPU microseconds nginx and the
+app spent per echoed message (``cpu us per message ...``), and writes report.md and PNG plots to
 --out. Leaves the hosts as the demo deploys them (or takes down the fleet it booted).
 The clients share the machine's cores with the host: every figure comes with the CPU the
 clients, the app and nginx used, so a saturated client is not read as a slow server.
@@ -30,15 +36,17 @@ clients, the app and nginx used, so a saturated client is not read as a slow ser
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import multiprocessing
 import os
 import resource
+import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,7 +57,7 @@ from bench.loadgen import PATHS, FanOut, Result
 from localfleet.ansible import ansible_playbook
 from localfleet.demo import ca_file
 from localfleet.hosts import host_pid
-from localfleet.settings import REPO
+from localfleet.settings import BRIDGE, LB_HOST, NETWORK, REPO
 
 VARS = REPO / "bench" / "vars.yml"
 APP = "wsapp"  # app_name of the demo inventory
@@ -60,6 +68,17 @@ LOADS = {64: [2000, 8000, 16000, 24000], 16 * 1024: [1000, 3000, 6000, 9000]}
 ECHO_CONNECTIONS = 32
 WORKERS = 2  # client processes for echo and handshakes: as many as the machine has cores
 IDLE_WORKERS = 4  # the ramp is TLS-handshake bound on the client side
+# Scenario 6: N=3 instances hold the target between them, each under its open-files limit
+# (20,000 here); four client processes of 12,500 connections, each from its own address.
+CAPACITY_INSTANCES = 3
+CAPACITY_WORKERS = 4
+CAPACITY_VARS = [
+    # Past the default 10,000: a third of 50,000 per instance, with headroom for the
+    # uneven spread (app_limit_nofile follows it: 19,024, under the 20,000 ceiling).
+    "app_max_connections=18000",
+    # nginx's workers and their limits sized for the target (roles/nginx/vars).
+    "nginx_connection_target=50000",
+]
 SATURATED = 0.9  # share of a core past which a client process is said to be the limit
 # Scenario 5: 10 members per process on 3 hosts of N=2; at 200 messages/s the bus owes
 # 12,000 deliveries/s, well below where this 2-core machine saturates (about 1,000
@@ -102,13 +121,20 @@ class Sample:
         wall = later.at - self.at
         return {kind: (later.cpu[kind] - self.cpu[kind]) / wall for kind in self.cpu}
 
+    def cpu_seconds(self, later: Sample) -> dict[str, float]:
+        """CPU time used between this sample and ``later``, in seconds, per kind."""
+        return {kind: later.cpu[kind] - self.cpu[kind] for kind in self.cpu}
+
 
 def sample(host: localfleet.FleetHost) -> Sample:
     result = host.ssh(SAMPLE.format(app=APP))
     rss = {"app": 0, "nginx": 0, "nats": 0}
     cpu = {"app": 0.0, "nginx": 0.0, "nats": 0.0}
     for line in result.stdout.splitlines():
-        kind, _pid, kib, utime, stime = line.split()
+        fields = line.split()
+        if len(fields) != 5:  # the process ended between pgrep and /proc: nothing to count
+            continue
+        kind, _pid, kib, utime, stime = fields
         rss[kind] += int(kib)
         cpu[kind] += (int(utime) + int(stime)) / TICKS
     if not rss["app"] or not rss["nginx"]:
@@ -186,12 +212,20 @@ def client_note(result: Result) -> str:
 
 def measured(
     host: localfleet.FleetHost, scenario: Any, args: tuple[Any, ...], seconds: float
-) -> tuple[Result, dict[str, float]]:
-    """``scenario(*args)`` in each of WORKERS client processes, and the cores the app and
-    nginx used on ``host`` meanwhile."""
+) -> tuple[Result, dict[str, float], dict[str, float]]:
+    """``scenario(*args)`` in each of WORKERS client processes, and the cores and the CPU
+    seconds the app and nginx used on ``host`` meanwhile."""
     before = sample(host)
     result = loadgen.in_workers(scenario, lambda _i: args, WORKERS, timeout=seconds + 120)
-    return result, before.cpu_share(sample(host))
+    after = sample(host)
+    return result, before.cpu_share(after), before.cpu_seconds(after)
+
+
+def cpu_per_message(result: Result, cpu: dict[str, float]) -> dict[str, float]:
+    """CPU microseconds per echoed message, per kind: what a host needs per message,
+    whatever the rate the loaded machine let through. The clients' 32 handshakes fall in
+    the window too (about 1% of it)."""
+    return {kind: used * 1e6 / max(result.done, 1) for kind, used in cpu.items()}
 
 
 def echo_runs(host: localfleet.FleetHost, ca: Path, seconds: float) -> dict[str, Any]:
@@ -200,23 +234,25 @@ def echo_runs(host: localfleet.FleetHost, ca: Path, seconds: float) -> dict[str,
         "direct": (f"ws://{host.address}:{BASE_PORT}/", None),
         "nginx+TLS": (f"wss://{host.address}/", str(ca)),
     }
-    runs: dict[str, Any] = {"loads": [], "max": {}}
+    runs: dict[str, Any] = {"loads": [], "max": {}, "us": {}}
     for size, loads in LOADS.items():
         for name, (url, ca_arg) in targets.items():
             per_worker = ECHO_CONNECTIONS // WORKERS
-            result, server = measured(
+            result, server, cpu = measured(
                 host, loadgen.echo_closed_loop, (url, ca_arg, size, seconds, per_worker), seconds
             )
             runs["max"][(name, size)] = (result, server)
+            runs["us"][(name, size)] = us = cpu_per_message(result, cpu)
             print(
                 f"echo {size:>5} B most  {name:<9}: {result.rate:>8,.0f} msg/s, "
                 f"p50 {result.quantile(0.5):6.2f} ms, p99 {result.quantile(0.99):7.2f} ms; "
-                f"app {server['app']:.2f} cores, nginx {server['nginx']:.2f}; "
+                f"app {server['app']:.2f} cores, nginx {server['nginx']:.2f}; CPU per "
+                f"message app {us['app']:.1f} us, nginx {us['nginx']:.1f} us; "
                 f"{client_note(result)}"
             )
             for load in loads:
                 args = (url, ca_arg, size, load / WORKERS, seconds, per_worker)
-                result, server = measured(host, loadgen.echo_at_rate, args, seconds)
+                result, server, _cpu = measured(host, loadgen.echo_at_rate, args, seconds)
                 runs["loads"].append((name, size, load, result, server))
                 print(
                     f"echo {size:>5} B {load:>6}/s {name:<9}: {result.rate:>8,.0f} msg/s, "
@@ -230,7 +266,7 @@ def echo_runs(host: localfleet.FleetHost, ca: Path, seconds: float) -> dict[str,
 def handshake_run(host: localfleet.FleetHost, ca: Path, seconds: float, label: str) -> Result:
     """Scenario 3: new wss connections back to back through nginx+TLS."""
     args = (f"wss://{host.address}/", str(ca), seconds, 8)
-    result, server = measured(host, loadgen.handshakes, args, seconds)
+    result, server, _cpu = measured(host, loadgen.handshakes, args, seconds)
     print(
         f"handshakes {label}: {result.rate:>7,.0f}/s, p50 {result.quantile(0.5):6.2f} ms, "
         f"p99 {result.quantile(0.99):7.2f} ms, refused {result.failed}; "
@@ -240,9 +276,16 @@ def handshake_run(host: localfleet.FleetHost, ca: Path, seconds: float, label: s
 
 
 def idle_run(
-    host: localfleet.FleetHost, ca: Path, target: int, compression: str | None, instances: int
+    host: localfleet.FleetHost,
+    ca: Path,
+    target: int,
+    compression: str | None,
+    instances: int,
+    workers: int = IDLE_WORKERS,
+    sources: Sequence[str] = (),
 ) -> dict[str, Any]:
-    """Scenario 1: ramp to ``target`` idle wss connections; memory per connection."""
+    """Scenarios 1 and 6: ramp to ``target`` idle wss connections from ``workers`` client
+    processes (process i from ``sources[i]`` when given); memory per connection."""
     wait_until_idle(host, instances)
     fresh_processes(host, instances)
     before = sample(host)
@@ -253,16 +296,16 @@ def idle_run(
 
     def at_target() -> None:
         end = time.monotonic() + 600
-        while ramped.value < IDLE_WORKERS and time.monotonic() < end:
+        while ramped.value < workers and time.monotonic() < end:
             time.sleep(0.2)
         measured["after"] = sample(host)
         measured["per_instance"] = open_connections(host, instances)
         release.set()
 
-    per_worker = target // IDLE_WORKERS
+    per_worker = target // workers
     result = loadgen.in_workers(
         loadgen.hold_idle,
-        lambda _i: (
+        lambda i: (
             f"wss://{host.address}/",
             str(ca),
             per_worker,
@@ -271,8 +314,9 @@ def idle_run(
             opened,
             ramped,
             release,
+            sources[i] if sources else None,
         ),
-        IDLE_WORKERS,
+        workers,
         timeout=900,
         while_running=at_target,
     )
@@ -281,7 +325,7 @@ def idle_run(
     kib = {kind: (after.rss[kind] - before.rss[kind]) / held for kind in after.rss}
     name = compression or "none"
     print(
-        f"idle {name:<7}: {result.done:,} open ({result.failed} refused) in "
+        f"idle {name:<7} N={instances}: {result.done:,} open ({result.failed} refused) in "
         f"{result.seconds:.0f} s ({result.rate:,.0f}/s), per instance {measured['per_instance']}; "
         f"per connection: app {kib['app']:.1f} KiB, nginx {kib['nginx']:.1f} KiB; "
         f"{client_note(result)}"
@@ -350,6 +394,70 @@ def fan_out_run(
         f"nats {server['nats']:.2f} (all hosts); {client_note(result)}"
     )
     return result, server
+
+
+@contextlib.contextmanager
+def source_addresses(count: int) -> Iterator[list[str]]:
+    """``count`` extra addresses of the controller on the fleet's bridge, for the block:
+    the ones after the gateway, below those of the hosts (.10 up)."""
+    if 2 + count > LB_HOST:
+        raise ValueError(f"{count} source addresses do not fit below the hosts' addresses")
+    addresses = [str(NETWORK[2 + i]) for i in range(count)]
+    added = []
+    try:
+        for address in addresses:
+            subprocess.run(
+                ["ip", "addr", "add", f"{address}/{NETWORK.prefixlen}", "dev", BRIDGE],
+                check=True,
+            )
+            added.append(address)
+        yield addresses
+    finally:
+        for address in added:
+            subprocess.run(
+                ["ip", "addr", "del", f"{address}/{NETWORK.prefixlen}", "dev", BRIDGE],
+                check=False,
+            )
+
+
+def capacity_run(
+    host: localfleet.FleetHost, ca: Path, args: argparse.Namespace, lines: list[str]
+) -> dict[str, Any]:
+    """Scenario 6: --capacity idle wss connections on ``host`` with N=CAPACITY_INSTANCES."""
+    took = deploy(CAPACITY_INSTANCES, [*args.set, *CAPACITY_VARS], limit=host.name)
+    print(f"deploy N={CAPACITY_INSTANCES}, {' '.join(CAPACITY_VARS)} to {host.name}: {took:.0f} s")
+    with source_addresses(CAPACITY_WORKERS) as sources:
+        run = idle_run(host, ca, args.capacity, None, CAPACITY_INSTANCES, CAPACITY_WORKERS, sources)
+    r: Result = run["result"]
+    line = (
+        f"capacity idle wss connections held (N={CAPACITY_INSTANCES}, {CAPACITY_WORKERS} source "
+        f"addresses): {r.done:,} of {args.capacity:,}, refused {r.failed}; KiB per connection "
+        f"app {run['kib']['app']:.1f}, nginx {run['kib']['nginx']:.1f}"
+    )
+    print(line)
+    lines.append(line)
+    return run
+
+
+def capacity_section(run: dict[str, Any], target: int) -> list[str]:
+    """Report section 6."""
+    r: Result = run["result"]
+    k = run["kib"]
+    return [
+        f"## 6. Capacity: {target:,} idle wss connections on one host "
+        f"(N={CAPACITY_INSTANCES}, through nginx+TLS)",
+        "",
+        f"Deployed with {', '.join(f'`{v}`' for v in CAPACITY_VARS)}; {CAPACITY_WORKERS} "
+        "client processes, each from its own address on the bridge.",
+        "",
+        "| open | refused | ramp /s | per instance | app KiB/conn | nginx KiB/conn "
+        "| app MiB | nginx MiB | busiest client |",
+        "|---|---|---|---|---|---|---|---|---|",
+        f"| {r.done:,} | {r.failed} | {r.rate:,.0f} | {run['per_instance']} | "
+        f"{k['app']:.1f} | {k['nginx']:.1f} | {run['after'].rss['app'] / 1024:,.0f} | "
+        f"{run['after'].rss['nginx'] / 1024:,.0f} | {max(r.client_cpu, default=0):.0%} |",
+        "",
+    ]
 
 
 # --- report -----------------------------------------------------------------------------------
@@ -607,7 +715,7 @@ def host_scenarios(
     print(f"deploy N=2 to {host.name}: {deploy(2, args.set, limit=host.name):.0f} s")
     hs[2] = handshake_run(host, ca, args.seconds * 2, "N=2")
     wss_64 = (f"wss://{host.address}/", str(ca), 64, args.seconds, ECHO_CONNECTIONS // WORKERS)
-    most[2], server = measured(host, loadgen.echo_closed_loop, wss_64, args.seconds)
+    most[2], server, _cpu = measured(host, loadgen.echo_closed_loop, wss_64, args.seconds)
     print(
         f"echo    64 B most  nginx+TLS N=2: {most[2].rate:>8,.0f} msg/s; app "
         f"{server['app']:.2f} cores, nginx {server['nginx']:.2f}; {client_note(most[2])}"
@@ -637,7 +745,17 @@ def host_scenarios(
     )
     ratio(ratios, "handshakes/s N=2/N=1", hs[2].rate / hs[1].rate)
     ratio(ratios, "echo 64 B msg/s through nginx+TLS N=2/N=1", most[2].rate / most[1].rate)
-    return host_sections(args.out, echo, idle, hs, most)
+    for (name, size), us in echo["us"].items():
+        line = (
+            f"cpu us per echoed {size} B message, most, {name} (N=1): "
+            f"nginx {us['nginx']:.1f}, app {us['app']:.1f}"
+        )
+        print(line)
+        ratios.append(line)
+    sections = host_sections(args.out, echo, idle, hs, most)
+    if args.capacity:
+        sections += capacity_section(capacity_run(host, ca, args, ratios), args.capacity)
+    return sections
 
 
 def fan_out_scenario(
@@ -677,6 +795,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--idle", type=int, default=20000, help="idle connections to hold")
     parser.add_argument(
+        "--capacity", type=int, default=50000,
+        help=f"idle connections to hold with N={CAPACITY_INSTANCES} (scenario 6); 0: none",
+    )  # fmt: skip
+    parser.add_argument(
         "--seconds", type=float, default=5.0, help="length of each echo or fan-out run, s"
     )
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "out")
@@ -693,11 +815,15 @@ def main() -> int:
     # --idle each); they inherit this limit, raised as far as the machine lets.
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    if args.idle // IDLE_WORKERS + 1024 > hard:
-        parser.error(
-            f"--idle {args.idle} needs {args.idle // IDLE_WORKERS + 1024} descriptors "
-            f"per client process; the limit here is {hard}"
-        )
+    for option, target, workers in (
+        ("--idle", args.idle, IDLE_WORKERS),
+        ("--capacity", args.capacity, CAPACITY_WORKERS),
+    ):
+        if target // workers + 1024 > hard:
+            parser.error(
+                f"{option} {target} needs {target // workers + 1024} descriptors "
+                f"per client process; the limit here is {hard}"
+            )
     args.out.mkdir(parents=True, exist_ok=True)
 
     fleet = localfleet.read_fleet()

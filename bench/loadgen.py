@@ -13,11 +13,13 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import socket
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
@@ -197,21 +199,45 @@ async def hold_idle(
     opened: Any,
     ramped: Any,
     release: Any,
+    source: str | None = None,
 ) -> Result:
     """Open ``count`` connections and hold them, answering the server's pings, until released.
 
     Shared with the parent: ``opened`` counts connections open, ``ramped`` the processes
-    done opening theirs; ``release`` (an event) ends the hold.
+    done opening theirs; ``release`` (an event) ends the hold. ``source``: the local
+    address to connect from (one address has about 28,000 ports towards one server).
     """
     result = Result()
     context = client_context(ca_file)
     gate = asyncio.Semaphore(concurrency)
     held: list[ClientConnection] = []
     started = time.monotonic()
+    target = urlsplit(url)
+    loop = asyncio.get_running_loop()
+
+    async def from_source() -> socket.socket | None:
+        """A socket connected from ``source``, its port chosen at connect() for this one
+        destination: a bind() to port 0 alone takes a port unique across every
+        destination, searched for longer the more are taken (milliseconds each past
+        8,000 here), and runs out at ~28,000."""
+        if source is None:
+            return None
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.IPPROTO_IP, socket.IP_BIND_ADDRESS_NO_PORT, 1)
+            sock.bind((source, 0))
+            sock.setblocking(False)
+            port = target.port or (443 if target.scheme == "wss" else 80)
+            await loop.sock_connect(sock, (target.hostname, port))
+        except BaseException:
+            sock.close()
+            raise
+        return sock
 
     async def one() -> None:
         async with gate:
             try:
+                sock = await from_source()
                 held.append(
                     await connect(
                         url,
@@ -219,6 +245,7 @@ async def hold_idle(
                         compression=compression,
                         open_timeout=30,
                         ping_interval=None,
+                        sock=sock,
                     )
                 )
             except Exception as error:  # every refusal is a figure
@@ -233,7 +260,6 @@ async def hold_idle(
     result.seconds = time.monotonic() - started
     with ramped.get_lock():
         ramped.value += 1
-    loop = asyncio.get_running_loop()
     await loop.run_in_executor(None, release.wait)
     # Closing handshakes, so the server closes each TCP connection first and the
     # TIME_WAIT states land there: held here, 20,000 of them would take the client's
