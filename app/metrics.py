@@ -16,18 +16,30 @@ class Metrics:
     Args:
         version: the release label, exposed as ``wsapp_info{version=...}``.
         open_connections: returns the number of open WebSocket connections at scrape time.
+        max_connections: ``--max-connections``, exposed as ``wsapp_connections_max`` so an
+            alert can compare the open connections with it; None leaves the series out.
         bus: whether the process talks to a bus; its series exist only then (absent,
             not 0, where rooms stay in-process).
     """
 
     def __init__(
-        self, version: str, open_connections: Callable[[], int], bus: bool = False
+        self,
+        version: str,
+        open_connections: Callable[[], int],
+        bus: bool = False,
+        max_connections: int | None = None,
     ) -> None:
         self.registry = CollectorRegistry()
         Info("wsapp", "The running release.", registry=self.registry).info({"version": version})
         Gauge(
             "wsapp_connections_open", "Open WebSocket connections.", registry=self.registry
         ).set_function(open_connections)
+        if max_connections is not None:
+            Gauge(
+                "wsapp_connections_max",
+                "Open WebSocket connections past which handshakes are refused (503).",
+                registry=self.registry,
+            ).set(max_connections)
         self.handshakes = Counter(
             "wsapp_handshakes",
             "Opening handshakes, by result (accepted or refused).",

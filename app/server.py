@@ -100,7 +100,10 @@ class Server:
         self.state = RUNNING
         self.port = settings.port
         self.metrics = Metrics(
-            settings.version, lambda: len(self._connections()), bus=bool(settings.bus_url)
+            settings.version,
+            lambda: len(self._connections()),
+            bus=bool(settings.bus_url),
+            max_connections=settings.max_connections,
         )
         self.rooms: rooms.Rooms | None = None
         self._server: WebSocketServer | None = None

@@ -92,6 +92,7 @@ def test_health_ready_and_metrics(start_app: StartApp) -> None:
 
     metrics = asyncio.run(traffic())
     assert "wsapp_connections_open 1.0" in metrics
+    assert "wsapp_connections_max 10000.0" in metrics  # what the capacity alert divides by
     assert 'wsapp_handshakes_total{result="accepted"} 1.0' in metrics
     assert 'wsapp_messages_total{direction="in"} 1.0' in metrics
     assert 'wsapp_bytes_total{direction="out"} 5.0' in metrics

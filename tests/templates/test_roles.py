@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[2]
-ROLES = ["app", "bus", "lb", "nginx", "tls"]
+ROLES = ["app", "bus", "lb", "monitoring", "nginx", "tls"]
 
 
 def defaults(role: str) -> dict[str, object]:
