@@ -3,7 +3,7 @@
 Usage (as root)::
 
     python -m localfleet up [--hosts K] [--lb]   # build the image once, boot K hosts
-        [--release bookworm|trixie | --mix]      # Debian 12 (default) or 13, or both in turn
+        [--release bookworm|trixie | --mix]      # all Debian 12, all 13, or both in turn
     python -m localfleet status                  # each host and what systemd says
     python -m localfleet down                    # remove every container, mount, link
 """
@@ -16,7 +16,7 @@ import sys
 from localfleet.errors import FleetError
 from localfleet.fleet import down, up
 from localfleet.hosts import nspawn_pids, system_state
-from localfleet.image import DEFAULT_RELEASE, MIX, RELEASES
+from localfleet.image import MIX, RELEASES
 from localfleet.inventory import read_fleet
 
 __all__ = ["main"]
@@ -48,19 +48,19 @@ def main(argv: list[str] | None = None) -> int:
     up_parser.add_argument("--lb", action="store_true", help="also run a load balancer host")
     release = up_parser.add_mutually_exclusive_group()
     release.add_argument(
-        "--release", choices=RELEASES, default=DEFAULT_RELEASE,
-        help=f"the Debian release every host runs (default {DEFAULT_RELEASE})",
+        "--release", choices=RELEASES,
+        help="the Debian release every host runs (default: a mixed fleet, see --mix)",
     )  # fmt: skip
     release.add_argument(
         "--mix", action="store_true",
-        help=f"hosts alternate between releases: {', '.join(MIX)}, ...",
+        help=f"hosts alternate between releases: {', '.join(MIX)}, ... (the default)",
     )  # fmt: skip
     sub.add_parser("down", help="remove every container, mount, link and the bridge")
     sub.add_parser("status", help="list the hosts and what systemd in each says")
     args = parser.parse_args(argv)
     try:
         if args.command == "up":
-            up(args.hosts, args.lb, MIX if args.mix else (args.release,))
+            up(args.hosts, args.lb, (args.release,) if args.release else MIX)
         elif args.command == "down":
             down()
         else:

@@ -26,7 +26,7 @@ from localfleet.hosts import (
     stop_host,
     wait_running,
 )
-from localfleet.image import DEFAULT_RELEASE, build_images
+from localfleet.image import MIX, build_images
 from localfleet.inventory import Fleet, plan, write_inventory, write_known_hosts
 from localfleet.network import bridge_down, bridge_up
 from localfleet.settings import BRIDGE, HOSTS_DIR, INVENTORY, NAME, SSH_DIR
@@ -59,7 +59,7 @@ def preflight() -> None:
         raise FleetError("cannot bring the fleet up:\n  " + "\n  ".join(problems))
 
 
-def up(hosts: int = 3, lb: bool = False, releases: Sequence[str] = (DEFAULT_RELEASE,)) -> Fleet:
+def up(hosts: int = 3, lb: bool = False, releases: Sequence[str] = MIX) -> Fleet:
     """Bring the fleet up (idempotent): hosts already running are left as they are.
 
     ``releases``: the Debian codenames the app servers run, in turn (see ``plan``); a

@@ -37,9 +37,11 @@ __all__ = [
 # The Debian releases a host can run, oldest first: 12 (oldstable) and 13 (stable).
 # The archive keyring of this Debian 12 controller carries both releases' keys.
 RELEASES = ("bookworm", "trixie")
+# A host's release where none is named (FleetHost).
 DEFAULT_RELEASE = "bookworm"
-# A mixed fleet's releases in turn: the first host runs the current stable, which the
-# tests that use one host then exercise; the second host runs oldstable.
+# A mixed fleet's releases in turn, what ``up`` boots unless told one release: the first
+# host runs the current stable, which the tests that use one host then exercise; the
+# second host runs oldstable.
 MIX = ("trixie", "bookworm")
 MIRROR = "http://deb.debian.org/debian"
 # What every host has installed: a booting systemd, SSH for Ansible, Python for its modules.

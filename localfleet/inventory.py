@@ -14,7 +14,7 @@ from pathlib import Path
 
 from localfleet.errors import FleetError, run
 from localfleet.hosts import FleetHost
-from localfleet.image import DEFAULT_RELEASE, RELEASES
+from localfleet.image import MIX, RELEASES
 from localfleet.settings import FIRST_APP_HOST, INVENTORY, LB_HOST, NAME, NETWORK, SSH_DIR
 
 __all__ = ["Fleet", "plan", "read_fleet", "write_inventory", "write_known_hosts"]
@@ -36,9 +36,7 @@ class Fleet:
         return tuple(h for h in self.hosts if "load_balancers" in h.groups)
 
 
-def plan(
-    hosts: int, lb: bool, releases: Sequence[str] = (DEFAULT_RELEASE,)
-) -> tuple[FleetHost, ...]:
+def plan(hosts: int, lb: bool, releases: Sequence[str] = MIX) -> tuple[FleetHost, ...]:
     """Name and address the hosts of a fleet of ``hosts`` app servers (and one balancer).
 
     App server i runs ``releases[(i - 1) % len(releases)]``: one release, or several in

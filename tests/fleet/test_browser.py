@@ -6,6 +6,7 @@ import re
 import shutil
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from selenium.webdriver.support.wait import WebDriverWait
 
 import localfleet
 from localfleet.demo import ca_file
+from tests.fleet.releases import host_of, per_release
 
 # Flags for a closed network, as root, with no screen (../shared: Chromium's background
 # services would otherwise keep trying to reach the internet).
@@ -63,18 +65,29 @@ def second_browser(deployed: object) -> Iterator[webdriver.Chrome]:
     yield from chromium()
 
 
+# The protocol Chromium loads the page with: HTTP/2 where nginx offers it (1.25.1+, so
+# Debian 13's 1.26; nginx_http2 is on by default), HTTP/1.1 on Debian 12's 1.22.
+PAGE_PROTOCOL = {"trixie": "h2", "bookworm": "http/1.1"}
+
+
+@per_release
 def test_chat_page_over_https_round_trips_a_message_over_wss(
-    fleet: localfleet.Fleet, browser: webdriver.Chrome
+    fleet: localfleet.Fleet, browser: webdriver.Chrome, release: str
 ) -> None:
-    """The chat page loads over verified https, connects over wss, and shows a sent message."""
-    host = fleet.app_servers[0]
-    browser.get(f"https://{host.address}/?room=browser-test")
+    """The chat page loads over verified https (HTTP/2 where nginx offers it), connects
+    over wss (always an HTTP/1.1 handshake), and shows a sent message."""
+    host = host_of(fleet, release)
+    room = f"browser-test-{release}"
+    browser.get(f"https://{host.address}/?room={room}")
     wait = WebDriverWait(browser, 20)
     wait.until(expected_conditions.text_to_be_present_in_element((By.ID, "status"), "connected"))
     assert (
-        browser.find_element(By.ID, "status").text
-        == f"connected to wss://{host.address}/ws/browser-test"
+        browser.find_element(By.ID, "status").text == f"connected to wss://{host.address}/ws/{room}"
     )
+    protocol = browser.execute_script(
+        "return performance.getEntriesByType('navigation')[0].nextHopProtocol"
+    )
+    assert protocol == PAGE_PROTOCOL[release]
     browser.find_element(By.ID, "message").send_keys("hello from chromium")
     browser.find_element(By.ID, "send").click()
     wait.until(
@@ -84,6 +97,20 @@ def test_chat_page_over_https_round_trips_a_message_over_wss(
     )
     # The page really came over TLS that the browser accepted (no interstitial).
     assert browser.execute_script("return location.protocol") == "https:"
+    # nginx's own record: the page over that protocol, the WebSocket upgraded over 1.1.
+    # A WebSocket is logged when it ends: leave the page, then wait for its line.
+    browser.get("about:blank")
+    page = "HTTP/2.0" if protocol == "h2" else "HTTP/1.1"
+    expected = [f'"GET /?room={room} {page}" 200', f'"GET /ws/{room} HTTP/1.1" 101']
+    deadline = time.monotonic() + 15
+    log = ""
+    while time.monotonic() < deadline:
+        log = host.ssh(f"grep -F '{room} ' /var/log/nginx/access.log").stdout
+        if all(line in log for line in expected):
+            break
+        time.sleep(0.2)
+    for line in expected:
+        assert line in log, log
 
 
 def test_two_browsers_on_two_hosts_share_a_room(
