@@ -106,11 +106,12 @@ def up(hosts: int = 3, lb: bool = False, releases: Sequence[str] = MIX) -> Fleet
 
 
 def wrong_release(host: FleetHost) -> bool:
-    """Whether the host's overlay lies over another release's image than the plan's."""
+    """Whether the host's overlay lies over another release's image than the plan's (or
+    over the one image of before there was one per release: it has no release file)."""
     try:
         return host.release_file.read_text().strip() != host.release
     except OSError:
-        return False
+        return host.dir.is_dir()
 
 
 def down() -> None:
