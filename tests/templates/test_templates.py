@@ -15,7 +15,7 @@ import jinja2
 import pytest
 import yaml
 from ansible.plugins.filter.core import FilterModule
-from ansible.plugins.test.core import TestModule
+from ansible.plugins.test.core import TestModule as AnsibleTests
 
 REPO = Path(__file__).resolve().parents[2]
 TEMPLATES = REPO / "templates"
@@ -62,7 +62,7 @@ def render(template: str, variables: dict[str, Any]) -> str:
         trim_blocks=True,
     )  # fmt: skip
     env.filters.update(FilterModule().filters())
-    env.tests.update(TestModule().tests())
+    env.tests.update(AnsibleTests().tests())
     # Values that are themselves templates (e.g. app_limit_nofile) are rendered first,
     # as often as one refers to another.
     resolved = dict(variables)
