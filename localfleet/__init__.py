@@ -1,10 +1,13 @@
 """The local fleet: real Debian systemd hosts as systemd-nspawn containers on this machine.
 
+Debian 12 and 13 hosts, one release for all or both in turn (a mixed fleet, the default).
+
 What ``make demo``, ``make bench`` and the fleet tests deploy to, over real SSH, with
 ``ansible-playbook site.yml`` like any real fleet. One module per concern:
 
 - :mod:`localfleet.settings`: where the state lives, the bridge, the addresses, the names;
-- :mod:`localfleet.image`: the base image (debootstrap, cached, rebuilt on a new recipe);
+- :mod:`localfleet.image`: the base images, one per Debian release (debootstrap, cached,
+  rebuilt on a new recipe);
 - :mod:`localfleet.network`: the private bridge;
 - :mod:`localfleet.hosts`: one container: overlay, boot, readiness, SSH, stop;
 - :mod:`localfleet.inventory`: the demo inventory that ``up`` writes and reads back;

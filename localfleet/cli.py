@@ -3,6 +3,7 @@
 Usage (as root)::
 
     python -m localfleet up [--hosts K] [--lb]   # build the image once, boot K hosts
+        [--release bookworm|trixie | --mix]      # all Debian 12, all 13, or both in turn
     python -m localfleet status                  # each host and what systemd says
     python -m localfleet down                    # remove every container, mount, link
 """
@@ -15,6 +16,7 @@ import sys
 from localfleet.errors import FleetError
 from localfleet.fleet import down, up
 from localfleet.hosts import nspawn_pids, system_state
+from localfleet.image import MIX, RELEASES
 from localfleet.inventory import read_fleet
 
 __all__ = ["main"]
@@ -29,7 +31,10 @@ def status() -> int:
     for host in fleet.hosts:
         state = system_state(host)
         healthy &= state == "running"
-        print(f"{host.name:<10} {host.address:<12} {','.join(host.groups):<16} {state}")
+        print(
+            f"{host.name:<10} {host.address:<12} {','.join(host.groups):<16} "
+            f"{host.release:<10} {state}"
+        )
     return 0 if healthy else 1
 
 
@@ -41,12 +46,21 @@ def main(argv: list[str] | None = None) -> int:
     up_parser = sub.add_parser("up", help="build the image if needed and boot the hosts")
     up_parser.add_argument("--hosts", type=int, default=3, help="app servers to run (default 3)")
     up_parser.add_argument("--lb", action="store_true", help="also run a load balancer host")
+    release = up_parser.add_mutually_exclusive_group()
+    release.add_argument(
+        "--release", choices=RELEASES,
+        help="the Debian release every host runs (default: a mixed fleet, see --mix)",
+    )  # fmt: skip
+    release.add_argument(
+        "--mix", action="store_true",
+        help=f"hosts alternate between releases: {', '.join(MIX)}, ... (the default)",
+    )  # fmt: skip
     sub.add_parser("down", help="remove every container, mount, link and the bridge")
     sub.add_parser("status", help="list the hosts and what systemd in each says")
     args = parser.parse_args(argv)
     try:
         if args.command == "up":
-            up(args.hosts, args.lb)
+            up(args.hosts, args.lb, (args.release,) if args.release else MIX)
         elif args.command == "down":
             down()
         else:

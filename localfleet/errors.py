@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+import sys
 from collections.abc import Sequence
 
 __all__ = ["FleetError", "log", "run"]
@@ -13,7 +14,9 @@ class FleetError(Exception):
 
 
 def log(message: str) -> None:
-    print(f"fleet: {message}", flush=True)
+    # One write per line: images are built from two threads at once.
+    sys.stdout.write(f"fleet: {message}\n")
+    sys.stdout.flush()
 
 
 def run(argv: Sequence[str], **kwargs: object) -> subprocess.CompletedProcess[str]:

@@ -11,11 +11,13 @@ import os
 import shutil
 import subprocess
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from localfleet.errors import FleetError, log, run
 from localfleet.hosts import (
     BOOT_TIMEOUT,
+    FleetHost,
     boot,
     host_pid,
     nspawn_pids,
@@ -24,7 +26,7 @@ from localfleet.hosts import (
     stop_host,
     wait_running,
 )
-from localfleet.image import build_image
+from localfleet.image import MIX, build_images
 from localfleet.inventory import Fleet, plan, write_inventory, write_known_hosts
 from localfleet.network import bridge_down, bridge_up
 from localfleet.settings import BRIDGE, HOSTS_DIR, INVENTORY, NAME, SSH_DIR
@@ -57,11 +59,15 @@ def preflight() -> None:
         raise FleetError("cannot bring the fleet up:\n  " + "\n  ".join(problems))
 
 
-def up(hosts: int = 3, lb: bool = False) -> Fleet:
-    """Bring the fleet up (idempotent): hosts already running are left as they are."""
+def up(hosts: int = 3, lb: bool = False, releases: Sequence[str] = MIX) -> Fleet:
+    """Bring the fleet up (idempotent): hosts already running are left as they are.
+
+    ``releases``: the Debian codenames the app servers run, in turn (see ``plan``); a
+    running host of another release than wanted is booted afresh from the right image.
+    """
     preflight()
-    wanted = plan(hosts, lb)
-    wanted_names = {h.name for h in wanted}
+    wanted = plan(hosts, lb, releases)
+    wanted_names = {h.name for h in wanted if not wrong_release(h)}
     # Clear what a crashed run left: hosts not wanted, or whose container is gone.
     for name in set(orphan_inits().values()):
         # Its address may be taken twice now: remove both and boot the host afresh.
@@ -76,7 +82,7 @@ def up(hosts: int = 3, lb: bool = False) -> Fleet:
         for leftover in HOSTS_DIR.iterdir():
             if leftover.name not in running.values() or leftover.name not in wanted_names:
                 stop_host(leftover.name, None)
-    build_image()
+    build_images([h.release for h in wanted])
     SSH_DIR.mkdir(parents=True, exist_ok=True)
     key = SSH_DIR / "id_ed25519"
     if not key.is_file():
@@ -97,6 +103,15 @@ def up(hosts: int = 3, lb: bool = False) -> Fleet:
     log(f"up: {', '.join(h.name + '=' + h.address for h in wanted)}"
         f" (booted now: {', '.join(started) or 'none'})")  # fmt: skip
     return Fleet(wanted)
+
+
+def wrong_release(host: FleetHost) -> bool:
+    """Whether the host's overlay lies over another release's image than the plan's (or
+    over the one image of before there was one per release: it has no release file)."""
+    try:
+        return host.release_file.read_text().strip() != host.release
+    except OSError:
+        return host.dir.is_dir()
 
 
 def down() -> None:

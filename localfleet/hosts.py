@@ -1,9 +1,9 @@
-"""The hosts: systemd-nspawn containers booted from overlays over the base image.
+"""The hosts: systemd-nspawn containers booted from overlays over the base images.
 
-Each host boots from its own overlayfs over the shared image, sits on the bridge with a
-static address, and is reached over real SSH with a key made for the fleet. Killing
-systemd-nspawn does not end a container, so hosts are found by scanning /proc as well as
-by the pid files written at boot.
+Each host boots from its own overlayfs over its release's shared image, sits on the
+bridge with a static address, and is reached over real SSH with a key made for the fleet.
+Killing systemd-nspawn does not end a container, so hosts are found by scanning /proc as
+well as by the pid files written at boot.
 """
 
 from __future__ import annotations
@@ -18,8 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from localfleet.errors import FleetError, log, run
+from localfleet.image import DEFAULT_RELEASE, image_dir
 from localfleet.network import link_exists
-from localfleet.settings import BRIDGE, HOSTS_DIR, IMAGE, NETWORK, SSH_DIR
+from localfleet.settings import BRIDGE, HOSTS_DIR, NETWORK, SSH_DIR
 
 __all__ = [
     "FleetHost",
@@ -46,6 +47,7 @@ class FleetHost:
     name: str
     address: str
     groups: tuple[str, ...]
+    release: str = DEFAULT_RELEASE  # the Debian codename its image was built from
 
     @property
     def dir(self) -> Path:
@@ -62,6 +64,11 @@ class FleetHost:
     @property
     def log_file(self) -> Path:
         return self.dir / "console.log"
+
+    @property
+    def release_file(self) -> Path:
+        """Which image the host's overlay lies over, so ``up`` can tell a host to rebuild."""
+        return self.dir / "release"
 
     def ssh(self, command: str, timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
         """Run a shell command on the host as root over SSH; never raises on failure."""
@@ -177,9 +184,10 @@ def prepare_host(host: FleetHost, public_key: str) -> None:
     for sub in ("upper", "work", "root"):
         (host.dir / sub).mkdir(parents=True, exist_ok=True)
     if not mounted(host.root):
+        layers = f"lowerdir={image_dir(host.release)},upperdir={host.dir / 'upper'}"
         run(["mount", "-t", "overlay", "overlay", "-o",
-             f"lowerdir={IMAGE},upperdir={host.dir / 'upper'},workdir={host.dir / 'work'}",
-             str(host.root)])  # fmt: skip
+             f"{layers},workdir={host.dir / 'work'}", str(host.root)])  # fmt: skip
+    host.release_file.write_text(host.release + "\n")
     root = host.root
     (root / "etc/hostname").write_text(host.name + "\n")
     (root / "etc/hosts").write_text(f"127.0.0.1 localhost\n127.0.1.1 {host.name}\n")

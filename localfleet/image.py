@@ -1,9 +1,11 @@
-"""The base image every host boots from: a debootstrap of Debian, cached in .fleet/image.
+"""The base images hosts boot from: a debootstrap of each Debian release, cached in
+.fleet/images/<release>.
 
-The hosts have no route to any package registry, so the image carries the apt lists and
+The hosts have no route to any package registry, so an image carries the apt lists and
 the .deb archives of what the roles install (PREFETCH): ``apt-get install`` then works
-offline, as long as it is not asked to update its lists first. The image is rebuilt when
-its recipe (the constants below) changes.
+offline, as long as it is not asked to update its lists first. An image is rebuilt when
+its recipe (the constants below and its release) changes; two images are built side by
+side, since each debootstrap mostly waits on the network and on dpkg.
 """
 
 from __future__ import annotations
@@ -12,15 +14,38 @@ import hashlib
 import json
 import os
 import shutil
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
-from localfleet.errors import log, run
-from localfleet.settings import IMAGE, STATE
+from localfleet.errors import FleetError, log, run
+from localfleet.settings import IMAGES, STATE
 
-__all__ = ["INCLUDE", "PREFETCH", "SUITE", "build_image", "recipe_hash"]
+__all__ = [
+    "DEFAULT_RELEASE",
+    "INCLUDE",
+    "MIX",
+    "PREFETCH",
+    "RELEASES",
+    "build_image",
+    "build_images",
+    "image_dir",
+    "recipe_hash",
+]
 
-SUITE = "bookworm"
+# The Debian releases a host can run, oldest first: 12 (oldstable) and 13 (stable).
+# The archive keyring of this Debian 12 controller carries both releases' keys.
+RELEASES = ("bookworm", "trixie")
+# A host's release where none is named (FleetHost).
+DEFAULT_RELEASE = "bookworm"
+# A mixed fleet's releases in turn, what ``up`` boots unless told one release: the first
+# host runs the current stable, which the tests that use one host then exercise; the
+# second host runs oldstable.
+MIX = ("trixie", "bookworm")
 MIRROR = "http://deb.debian.org/debian"
 # What every host has installed: a booting systemd, SSH for Ansible, Python for its modules.
+# The same names on both releases.
 INCLUDE = [
     "systemd",
     "systemd-sysv",
@@ -36,29 +61,46 @@ INCLUDE = [
 ]
 # What the roles install with apt: fetched into the image (lists and archives), not installed.
 PREFETCH = ["nginx", "python3-venv", "nats-server"]
-RECIPE_VERSION = "2"  # bump when the build steps below change in a way the lists don't show
+RECIPE_VERSION = "3"  # bump when the build steps below change in a way the lists don't show
 
 
-def recipe_hash() -> str:
-    recipe = json.dumps([RECIPE_VERSION, SUITE, MIRROR, INCLUDE, PREFETCH])
+def image_dir(release: str) -> Path:
+    return IMAGES / release
+
+
+def recipe_hash(release: str) -> str:
+    recipe = json.dumps([RECIPE_VERSION, release, MIRROR, INCLUDE, PREFETCH])
     return hashlib.sha256(recipe.encode()).hexdigest()[:16]
 
 
-def build_image() -> None:
-    """Debootstrap the base image unless the cached one was built from this recipe."""
-    stamp = IMAGE / ".wsfleet-recipe"
-    if stamp.is_file() and stamp.read_text().strip() == recipe_hash():
+def sources(release: str) -> str:
+    """apt's sources in the deb822 format, which both releases read (trixie's default)."""
+    signed = "/usr/share/keyrings/debian-archive-keyring.gpg"
+    return (
+        f"Types: deb\nURIs: {MIRROR}\nSuites: {release} {release}-updates\n"
+        f"Components: main\nSigned-By: {signed}\n\n"
+        f"Types: deb\nURIs: http://deb.debian.org/debian-security\nSuites: {release}-security\n"
+        f"Components: main\nSigned-By: {signed}\n"
+    )
+
+
+def build_image(release: str) -> None:
+    """Debootstrap the release's image unless the cached one was built from this recipe."""
+    if release not in RELEASES:
+        raise FleetError(f"unknown release {release!r}: choose one of {', '.join(RELEASES)}")
+    image = image_dir(release)
+    stamp = image / ".wsfleet-recipe"
+    if stamp.is_file() and stamp.read_text().strip() == recipe_hash(release):
         return
-    log(f"building the base image ({SUITE}); this takes a minute or two")
-    STATE.mkdir(exist_ok=True)
-    scratch = STATE / "image.new"
+    log(f"building the {release} image; this takes a few minutes")
+    started = time.monotonic()
+    IMAGES.mkdir(parents=True, exist_ok=True)
+    scratch = STATE / f"image-{release}.new"
     shutil.rmtree(scratch, ignore_errors=True)
     run(["debootstrap", "--variant=minbase", f"--include={','.join(INCLUDE)}",
-         SUITE, str(scratch), MIRROR])  # fmt: skip
-    (scratch / "etc/apt/sources.list").write_text(
-        f"deb {MIRROR} {SUITE} main\ndeb {MIRROR} {SUITE}-updates main\n"
-        f"deb http://deb.debian.org/debian-security {SUITE}-security main\n"
-    )
+         release, str(scratch), MIRROR])  # fmt: skip
+    (scratch / "etc/apt/sources.list").unlink(missing_ok=True)
+    (scratch / "etc/apt/sources.list.d/debian.sources").write_text(sources(release))
     chroot = ["chroot", str(scratch)]
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     run([*chroot, "apt-get", "update", "-q"], env=env)
@@ -71,7 +113,18 @@ def build_image() -> None:
     for key in (scratch / "etc/ssh").glob("ssh_host_*"):
         key.unlink()
     (scratch / "etc/machine-id").write_text("")
-    (scratch / ".wsfleet-recipe").write_text(recipe_hash() + "\n")
-    shutil.rmtree(IMAGE, ignore_errors=True)
-    scratch.rename(IMAGE)
-    log(f"base image ready: {IMAGE}")
+    (scratch / ".wsfleet-recipe").write_text(recipe_hash(release) + "\n")
+    shutil.rmtree(image, ignore_errors=True)
+    scratch.rename(image)
+    log(f"{release} image ready in {time.monotonic() - started:.0f} s: {image}")
+
+
+def build_images(releases: Sequence[str]) -> None:
+    """Build the images of these releases that are missing or stale, side by side."""
+    wanted = sorted(set(releases))
+    # The single Debian 12 image of before (.fleet/image): no host boots from it any more
+    # (``up`` has stopped the hosts without a release), and it holds 300 MB.
+    shutil.rmtree(STATE / "image", ignore_errors=True)
+    with ThreadPoolExecutor(max_workers=len(wanted) or 1) as pool:
+        for future in [pool.submit(build_image, release) for release in wanted]:
+            future.result()

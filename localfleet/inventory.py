@@ -14,6 +14,7 @@ from pathlib import Path
 
 from localfleet.errors import FleetError, run
 from localfleet.hosts import FleetHost
+from localfleet.image import MIX, RELEASES
 from localfleet.settings import FIRST_APP_HOST, INVENTORY, LB_HOST, NAME, NETWORK, SSH_DIR
 
 __all__ = ["Fleet", "plan", "read_fleet", "write_inventory", "write_known_hosts"]
@@ -35,16 +36,32 @@ class Fleet:
         return tuple(h for h in self.hosts if "load_balancers" in h.groups)
 
 
-def plan(hosts: int, lb: bool) -> tuple[FleetHost, ...]:
-    """Name and address the hosts of a fleet of ``hosts`` app servers (and one balancer)."""
+def plan(hosts: int, lb: bool, releases: Sequence[str] = MIX) -> tuple[FleetHost, ...]:
+    """Name and address the hosts of a fleet of ``hosts`` app servers (and one balancer).
+
+    App server i runs ``releases[(i - 1) % len(releases)]``: one release, or several in
+    turn (a mixed fleet); the balancer runs the first.
+    """
     if not 1 <= hosts <= 9:
         raise FleetError(f"--hosts must be between 1 and 9, got {hosts}")
+    unknown = [r for r in releases if r not in RELEASES]
+    if not releases or unknown:
+        raise FleetError(
+            f"--release must be one of {', '.join(RELEASES)}, got {', '.join(unknown) or 'none'}"
+        )
     planned = [
-        FleetHost(f"{NAME}{i}", str(NETWORK[FIRST_APP_HOST + i - 1]), ("app_servers",))
+        FleetHost(
+            f"{NAME}{i}",
+            str(NETWORK[FIRST_APP_HOST + i - 1]),
+            ("app_servers",),
+            releases[(i - 1) % len(releases)],
+        )
         for i in range(1, hosts + 1)
     ]
     if lb:
-        planned.insert(0, FleetHost(f"{NAME}lb", str(NETWORK[LB_HOST]), ("load_balancers",)))
+        planned.insert(
+            0, FleetHost(f"{NAME}lb", str(NETWORK[LB_HOST]), ("load_balancers",), releases[0])
+        )
     return tuple(planned)
 
 
@@ -69,7 +86,13 @@ def write_inventory(hosts: Sequence[FleetHost]) -> None:
     ]
     for group in sorted(groups):
         lines += [f"    {group}:", "      hosts:"]
-        lines += [f"        {h.name}:\n          ansible_host: {h.address}" for h in groups[group]]
+        # localfleet_release: the Debian codename the host was built from, for tests
+        # that assert per release (the roles read the facts, never this).
+        lines += [
+            f"        {h.name}:\n          ansible_host: {h.address}\n"
+            f"          localfleet_release: {h.release}"
+            for h in groups[group]
+        ]
     INVENTORY.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile("w", dir=INVENTORY.parent, delete=False) as out:
         out.write("\n".join(lines) + "\n")
@@ -88,6 +111,7 @@ def read_fleet() -> Fleet:
     if INVENTORY.is_file():
         group = ""
         name = ""
+        address = ""
         for line in INVENTORY.read_text().splitlines():
             stripped = line.strip()
             if line.startswith("    ") and not line.startswith("     ") and stripped.endswith(":"):
@@ -95,5 +119,9 @@ def read_fleet() -> Fleet:
             elif line.startswith("        ") and not line.startswith("         "):
                 name = stripped.rstrip(":")
             elif stripped.startswith("ansible_host:") and name:
-                hosts.append(FleetHost(name, stripped.split(":", 1)[1].strip(), (group,)))
+                address = stripped.split(":", 1)[1].strip()
+            elif stripped.startswith("localfleet_release:") and name and address:
+                release = stripped.split(":", 1)[1].strip()
+                hosts.append(FleetHost(name, address, (group,), release))
+                name = address = ""
     return Fleet(tuple(hosts))

@@ -16,7 +16,7 @@ __all__ = [
     "FLEET",
     "GATEWAY",
     "HOSTS_DIR",
-    "IMAGE",
+    "IMAGES",
     "INVENTORY",
     "LB_HOST",
     "NAME",
@@ -28,7 +28,7 @@ __all__ = [
 
 REPO = Path(__file__).resolve().parent.parent
 STATE = REPO / ".fleet"
-IMAGE = STATE / "image"
+IMAGES = STATE / "images"  # one base image per Debian release: images/<codename>
 HOSTS_DIR = STATE / "hosts"
 SSH_DIR = STATE / "ssh"
 INVENTORY = REPO / "inventories" / "demo" / "hosts.yml"

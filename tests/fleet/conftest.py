@@ -1,7 +1,10 @@
 """Fixtures for tests on the local fleet: real systemd hosts, reached over real SSH.
 
 The fleet comes up once per session and is always taken down at its end, leaving the
-machine as it was (the teardown checks that nothing of it is left).
+machine as it was (the teardown checks that nothing of it is left). It is a mixed fleet,
+Debian 13 and Debian 12 in turn (fleet1 trixie, fleet2 bookworm, fleet3 trixie): every
+test that spans the fleet spans both releases, and ``tests.fleet.releases`` picks a host
+of each.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import pytest
 
 import localfleet
 from localfleet.ansible import ansible_playbook
+from localfleet.image import MIX
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -28,9 +32,9 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 @pytest.fixture(scope="session")
 def fleet() -> Iterator[localfleet.Fleet]:
-    """The local fleet of three app servers, up for the whole session."""
+    """The local fleet of three app servers of both releases, up for the whole session."""
     try:
-        yield localfleet.up(hosts=3)
+        yield localfleet.up(hosts=3, releases=MIX)
     finally:
         localfleet.down()
         left = localfleet.leftovers()

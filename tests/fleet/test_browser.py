@@ -18,6 +18,7 @@ from selenium.webdriver.support.wait import WebDriverWait
 
 import localfleet
 from localfleet.demo import ca_file
+from tests.fleet.releases import host_of, per_release
 
 # Flags for a closed network, as root, with no screen (../shared: Chromium's background
 # services would otherwise keep trying to reach the internet).
@@ -63,18 +64,29 @@ def second_browser(deployed: object) -> Iterator[webdriver.Chrome]:
     yield from chromium()
 
 
+# The protocol Chromium loads the page with: HTTP/2 where nginx offers it (1.25.1+, so
+# Debian 13's 1.26; nginx_http2 is on by default), HTTP/1.1 on Debian 12's 1.22.
+PAGE_PROTOCOL = {"trixie": "h2", "bookworm": "http/1.1"}
+
+
+@per_release
 def test_chat_page_over_https_round_trips_a_message_over_wss(
-    fleet: localfleet.Fleet, browser: webdriver.Chrome
+    fleet: localfleet.Fleet, browser: webdriver.Chrome, release: str
 ) -> None:
-    """The chat page loads over verified https, connects over wss, and shows a sent message."""
-    host = fleet.app_servers[0]
-    browser.get(f"https://{host.address}/?room=browser-test")
+    """The chat page loads over verified https (HTTP/2 where nginx offers it), connects
+    over wss (an HTTP/1.1 handshake on a connection of its own), and shows a sent message."""
+    host = host_of(fleet, release)
+    room = f"browser-test-{release}"
+    browser.get(f"https://{host.address}/?room={room}")
     wait = WebDriverWait(browser, 20)
     wait.until(expected_conditions.text_to_be_present_in_element((By.ID, "status"), "connected"))
     assert (
-        browser.find_element(By.ID, "status").text
-        == f"connected to wss://{host.address}/ws/browser-test"
+        browser.find_element(By.ID, "status").text == f"connected to wss://{host.address}/ws/{room}"
     )
+    protocol = browser.execute_script(
+        "return performance.getEntriesByType('navigation')[0].nextHopProtocol"
+    )
+    assert protocol == PAGE_PROTOCOL[release]
     browser.find_element(By.ID, "message").send_keys("hello from chromium")
     browser.find_element(By.ID, "send").click()
     wait.until(
@@ -84,6 +96,11 @@ def test_chat_page_over_https_round_trips_a_message_over_wss(
     )
     # The page really came over TLS that the browser accepted (no interstitial).
     assert browser.execute_script("return location.protocol") == "https:"
+    # nginx's own record of the page: over that protocol. (The WebSocket cannot have come
+    # over HTTP/2: nginx does not offer it, RFC 8441; it connected, so over HTTP/1.1.)
+    page = "HTTP/2.0" if protocol == "h2" else "HTTP/1.1"
+    log = host.ssh(f"grep -F '?room={room} ' /var/log/nginx/access.log").stdout
+    assert f'"GET /?room={room} {page}" 200' in log, log
 
 
 def test_two_browsers_on_two_hosts_share_a_room(

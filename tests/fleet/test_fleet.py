@@ -12,6 +12,8 @@ import pytest
 
 import localfleet
 from localfleet import hosts, settings
+from localfleet.image import MIX, RELEASES
+from localfleet.inventory import plan
 from localfleet.settings import REPO
 
 
@@ -43,10 +45,34 @@ def test_hosts_answer_over_ssh_on_their_own_address(fleet: localfleet.Fleet) -> 
         assert f"{host.address}/24" in result.stdout
 
 
+def test_each_host_runs_the_release_the_inventory_names(fleet: localfleet.Fleet) -> None:
+    """The test fleet is mixed: each host's os-release names the Debian release that its
+    inventory entry (localfleet_release) does, and both releases are there."""
+    assert {h.release for h in localfleet.read_fleet().hosts} == set(RELEASES)
+    versions = {"bookworm": "12", "trixie": "13"}
+    for host in localfleet.read_fleet().hosts:
+        result = host.ssh(". /etc/os-release && echo $VERSION_CODENAME $VERSION_ID")
+        assert result.stdout.split() == [host.release, versions[host.release]], host.name
+
+
+def test_mix_alternates_releases_and_a_release_is_one_for_all(fleet: localfleet.Fleet) -> None:
+    """--mix: hosts take the releases in turn (the balancer the first); --release: all one;
+    an unknown release is refused by name before anything boots."""
+    assert [h.release for h in plan(3, True, MIX)] == ["trixie", "trixie", "bookworm", "trixie"]
+    assert {h.release for h in plan(3, False, ("bookworm",))} == {"bookworm"}
+    with pytest.raises(localfleet.FleetError, match="sid"):
+        plan(3, False, ("sid",))
+    before = hosts.nspawn_pids()
+    result = localfleet_cli("up", "--release", "sid")
+    assert result.returncode == 2
+    assert "invalid choice: 'sid'" in result.stderr
+    assert hosts.nspawn_pids() == before
+
+
 def test_up_twice_leaves_running_hosts_alone(fleet: localfleet.Fleet) -> None:
     """A second `up` boots nothing: the same container processes keep running."""
     before = hosts.nspawn_pids()
-    result = localfleet_cli("up", "--hosts", str(len(fleet.hosts)))
+    result = localfleet_cli("up", "--hosts", str(len(fleet.hosts)), "--mix")
     assert result.returncode == 0, result.stderr
     assert "booted now: none" in result.stdout
     assert hosts.nspawn_pids() == before
@@ -63,7 +89,7 @@ def test_up_heals_a_host_whose_nspawn_was_killed(fleet: localfleet.Fleet) -> Non
         time.sleep(0.1)
     assert victim.name in hosts.orphan_inits().values()
 
-    result = localfleet_cli("up", "--hosts", str(len(fleet.hosts)))
+    result = localfleet_cli("up", "--hosts", str(len(fleet.hosts)), "--mix")
     assert result.returncode == 0, result.stderr
     assert f"booted now: {victim.name}" in result.stdout
     assert not hosts.orphan_inits()

@@ -9,6 +9,7 @@ import pytest
 
 import localfleet
 from localfleet.ansible import ansible_playbook
+from localfleet.image import RELEASES
 from tests.fleet.load import assert_no_failures, load_on, summary
 from tests.fleet.test_bus import spans_the_fleet
 from tests.fleet.test_release_under_load import versions
@@ -20,7 +21,10 @@ def current_release(host: localfleet.FleetHost) -> str:
 
 @pytest.fixture(scope="module")
 def rolled_out(fleet: localfleet.Fleet, deployed: object) -> Iterator[str]:
-    """The fleet on release 2.0.0, rolled out under load; the deploy's release afterwards."""
+    """The fleet on release 2.0.0, rolled out under load; the deploy's release afterwards.
+
+    The load spans every host, so both Debian releases of the mixed fleet."""
+    assert {h.release for h in fleet.app_servers} == set(RELEASES)
     addresses = [h.address for h in fleet.app_servers]
     with load_on(addresses) as load:
         result = ansible_playbook("playbooks/rollout.yml", "-e", "app_version=2.0.0")

@@ -21,6 +21,7 @@ import localfleet
 from localfleet.ansible import ansible_playbook
 from localfleet.demo import ca_file, round_trip
 from localfleet.settings import GATEWAY, REPO
+from tests.fleet.releases import host_of, per_release
 
 # sslyze lives in a venv of its own (requirements/sslyze.txt says why).
 SSLYZE = REPO / ".venv-sslyze" / "bin" / "python"
@@ -49,11 +50,13 @@ def tls_context() -> ssl.SSLContext:
     return ssl.create_default_context(cafile=str(ca_file()))
 
 
+@per_release
 def test_sslyze_says_mozilla_intermediate_compliant(
-    fleet: localfleet.Fleet, deployed: object, tmp_path: Path
+    fleet: localfleet.Fleet, deployed: object, tmp_path: Path, release: str
 ) -> None:
-    """sslyze's Mozilla check (intermediate) passes; TLS 1.0 and 1.1 are refused."""
-    host = fleet.app_servers[0]
+    """sslyze's Mozilla check (intermediate) passes on each release's nginx and OpenSSL
+    (Debian 12: 1.22 and 3.0, Debian 13: 1.26 and 3.5); TLS 1.0 and 1.1 are refused."""
+    host = host_of(fleet, release)
     scan = mozilla_check(host.address, "intermediate", ca_file(), tmp_path / "sslyze.json")
     for old in ("ssl_3_0", "tls_1_0", "tls_1_1"):
         assert scan[f"{old}_cipher_suites"]["result"]["accepted_cipher_suites"] == [], old
@@ -255,9 +258,14 @@ def test_limits_refuse_without_disturbing_others(restricted: localfleet.FleetHos
     assert replies == ["welcome"]
 
 
-def test_deployed_unit_scores_at_most_1_5(fleet: localfleet.Fleet, deployed: object) -> None:
-    """systemd-analyze security on a deployed host rates the app unit 1.5 or below."""
-    out = fleet.app_servers[0].ssh("systemd-analyze security --no-pager wsapp@8001.service").stdout
+@per_release
+def test_deployed_unit_scores_at_most_1_5(
+    fleet: localfleet.Fleet, deployed: object, release: str
+) -> None:
+    """systemd-analyze security rates the app unit 1.5 or below on each release's systemd
+    (Debian 12: 252, Debian 13: 257, which knows more settings to score)."""
+    host = host_of(fleet, release)
+    out = host.ssh("systemd-analyze security --no-pager wsapp@8001.service").stdout
     score = re.search(r"Overall exposure level for wsapp@8001\.service: ([\d.]+)", out)
     assert score, out
     assert float(score[1]) <= 1.5

@@ -15,9 +15,16 @@ import jinja2
 import pytest
 import yaml
 from ansible.plugins.filter.core import FilterModule
+from ansible.plugins.test.core import TestModule as AnsibleTests
 
 REPO = Path(__file__).resolve().parents[2]
 TEMPLATES = REPO / "templates"
+
+
+def nginx_version_output() -> dict[str, str]:
+    """What `nginx -v` says on this machine, whose nginx checks the rendered files."""
+    result = subprocess.run(["nginx", "-v"], capture_output=True, text=True, check=True)
+    return {"stderr": result.stderr}
 
 
 def host_facts(nofile: int = 524288) -> dict[str, Any]:
@@ -25,6 +32,7 @@ def host_facts(nofile: int = 524288) -> dict[str, Any]:
     limits = f"Limit  Soft Limit  Hard Limit  Units\nMax open files  {nofile}  {nofile}  files\n"
     return {
         "ansible_facts": {"processor_vcpus": 2},
+        "__nginx_version_output": nginx_version_output(),
         "__nginx_unit_nofile": {"stdout": "524288"},
         "__nginx_init_limits": {"content": base64.b64encode(limits.encode()).decode()},
     }
@@ -54,6 +62,7 @@ def render(template: str, variables: dict[str, Any]) -> str:
         trim_blocks=True,
     )  # fmt: skip
     env.filters.update(FilterModule().filters())
+    env.tests.update(AnsibleTests().tests())
     # Values that are themselves templates (e.g. app_limit_nofile) are rendered first,
     # as often as one refers to another.
     resolved = dict(variables)
@@ -111,6 +120,21 @@ def test_ocsp_stapling_only_when_asked(nginx_prefix: Path) -> None:
     assert "ssl_stapling on;" in site.read_text()
     assert "ssl_stapling_verify on;" in site.read_text()
     assert "resolver 127.0.0.1;" in site.read_text()
+
+
+@pytest.mark.parametrize(
+    ("version", "http2"),
+    [("nginx version: nginx/1.22.1", False), ("nginx version: nginx/1.26.3", True)],
+)
+def test_http2_only_where_nginx_has_the_directive(version: str, http2: bool) -> None:
+    """`http2 on;` in the HTTPS server from nginx 1.25.1 (Debian 13's 1.26), never before
+    (Debian 12's 1.22 would refuse it), and never when nginx_http2 is false."""
+    for template in ("wsfleet.conf.j2", "wsfleet-lb.conf.j2"):
+        site = f"etc/nginx/sites-available/{template}"
+        on = role_vars("nginx", "lb", __nginx_version_output={"stderr": version + "\n"},
+                       nginx_upstream_ports=[8001], nginx_trusted_proxies=[])  # fmt: skip
+        assert ("http2 on;" in render(site, on)) is http2, template
+        assert "http2 on;" not in render(site, {**on, "nginx_http2": False}), template
 
 
 def test_workers_and_their_file_limit_fit_the_host(nginx_prefix: Path) -> None:
