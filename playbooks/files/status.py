@@ -118,9 +118,12 @@ def certificate_days(path: str) -> float | None:
 def bus(port: int) -> dict[str, Any]:
     state = active("nats-server")
     code, body = get(f"http://127.0.0.1:{port}/routez")
+    # The other servers this one is routed to: nats-server 2.10 (Debian 13) pools several
+    # routes to each peer, 2.9 (Debian 12) has one, so count distinct peers, not routes.
     try:
-        routes = int(json.loads(body)["num_routes"]) if code == 200 else None
-    except (ValueError, KeyError):
+        found = json.loads(body)["routes"] if code == 200 else None
+        routes = None if found is None else len({r.get("remote_id") or r["ip"] for r in found})
+    except (ValueError, KeyError, TypeError):
         routes = None
     return {"state": state, "routes": routes}
 
