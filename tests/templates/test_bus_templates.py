@@ -11,10 +11,9 @@ from typing import Any
 
 import pytest
 
-from tests.templates.test_templates import render, role_vars
+from tests.templates.test_templates import exposure, render, role_vars, root_with_dropin
 
 NATS_SERVER = shutil.which("nats-server") or "/usr/sbin/nats-server"
-DEBIAN_UNIT = Path("/lib/systemd/system/nats-server.service")
 
 
 def bus_vars(
@@ -99,25 +98,13 @@ def test_nats_rejects_a_broken_config(tmp_path: Path) -> None:
 @pytest.fixture
 def unit_root(tmp_path: Path) -> Path:
     """A root with Debian's nats-server.service and the role's drop-in over it."""
-    system = tmp_path / "etc/systemd/system"
-    (system / "nats-server.service.d").mkdir(parents=True)
-    shutil.copy(DEBIAN_UNIT, system / "nats-server.service")
-    (system / "nats-server.service.d/wsfleet.conf").write_text(
-        render("etc/systemd/system/nats-server.service.d/wsfleet.conf.j2", bus_vars())
-    )
-    return tmp_path
+    dropin = render("etc/systemd/system/nats-server.service.d/wsfleet.conf.j2", bus_vars())
+    return root_with_dropin(tmp_path, "nats-server.service", dropin)
 
 
 def test_bus_unit_exposure_is_at_most_1_5(unit_root: Path) -> None:
     """Debian's unit with the role's drop-in scores 1.5 or below, and restarts on failure."""
-    result = subprocess.run(
-        ["systemd-analyze", "security", "--offline=true", f"--root={unit_root}", "--no-pager",
-         "nats-server.service"],
-        capture_output=True, text=True, check=False,
-    )  # fmt: skip
-    score = re.search(r"Overall exposure level for nats-server\.service: ([\d.]+)", result.stdout)
-    assert score, result.stdout + result.stderr
-    assert float(score[1]) <= 1.5, result.stdout
+    assert exposure(unit_root, "nats-server.service") <= 1.5
     dropin = (unit_root / "etc/systemd/system/nats-server.service.d/wsfleet.conf").read_text()
     assert "Restart=on-failure" in dropin
     assert "IPAddressAllow=localhost 10.0.0.12 10.0.0.13\n" in dropin

@@ -4,28 +4,25 @@
 
 from __future__ import annotations
 
-import re
-import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from tests.templates.test_templates import nginx_check, render, role_vars
-
-DEBIAN_UNIT = Path("/lib/systemd/system/nginx.service")
+from tests.templates.test_templates import (
+    exposure,
+    nginx_check,
+    render,
+    role_vars,
+    root_with_dropin,
+)
 
 
 @pytest.fixture
 def unit_root(tmp_path: Path) -> Path:
     """A root with Debian's nginx.service and the role's drop-in over it."""
-    system = tmp_path / "etc/systemd/system"
-    (system / "nginx.service.d").mkdir(parents=True)
-    shutil.copy(DEBIAN_UNIT, system / "nginx.service")
-    (system / "nginx.service.d/wsfleet.conf").write_text(
-        render("etc/systemd/system/nginx.service.d/wsfleet.conf.j2", role_vars("nginx"))
-    )
-    return tmp_path
+    dropin = render("etc/systemd/system/nginx.service.d/wsfleet.conf.j2", role_vars("nginx"))
+    return root_with_dropin(tmp_path, "nginx.service", dropin)
 
 
 def test_nginx_unit_restarts_on_failure_and_is_sandboxed(unit_root: Path) -> None:
@@ -38,14 +35,7 @@ def test_nginx_unit_restarts_on_failure_and_is_sandboxed(unit_root: Path) -> Non
     )  # fmt: skip
     # Only complaints about the container's missing binaries may show, none about the drop-in.
     assert "wsfleet.conf" not in verify.stderr, verify.stderr
-    result = subprocess.run(
-        ["systemd-analyze", "security", "--offline=true", f"--root={unit_root}", "--no-pager",
-         "nginx.service"],
-        capture_output=True, text=True, check=False,
-    )  # fmt: skip
-    score = re.search(r"Overall exposure level for nginx\.service: ([\d.]+)", result.stdout)
-    assert score, result.stdout + result.stderr
-    assert float(score[1]) < 3.0, result.stdout
+    assert exposure(unit_root, "nginx.service") < 3.0
 
 
 def test_old_workers_are_bounded(nginx_prefix: Path) -> None:

@@ -75,6 +75,26 @@ def render(template: str, variables: dict[str, Any]) -> str:
     return env.get_template(template).render(resolved)
 
 
+def exposure(root: Path, unit: str) -> float:
+    """systemd-analyze's offline exposure score of ``unit`` under ``root``."""
+    result = subprocess.run(
+        ["systemd-analyze", "security", "--offline=true", f"--root={root}", "--no-pager", unit],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    score = re.search(rf"Overall exposure level for {re.escape(unit)}: ([\d.]+)", result.stdout)
+    assert score, result.stdout + result.stderr
+    return float(score[1])
+
+
+def root_with_dropin(root: Path, unit: str, dropin: str) -> Path:
+    """``root`` holding the Debian package's ``unit`` and our drop-in text over it."""
+    system = root / "etc/systemd/system"
+    (system / f"{unit}.d").mkdir(parents=True)
+    shutil.copy(Path("/lib/systemd/system") / unit, system / unit)
+    (system / f"{unit}.d/wsfleet.conf").write_text(dropin)
+    return root
+
+
 def nginx_check(
     prefix: Path, roles: tuple[str, ...] = ("nginx",), **overrides: Any
 ) -> subprocess.CompletedProcess[str]:
@@ -287,14 +307,7 @@ def test_app_unit_exposure_is_at_most_1_5(unit_root: Path) -> None:
     """systemd-analyze security scores the hardened unit at 1.5 or below."""
     text = render("etc/systemd/system/app@.service.j2", role_vars("app"))
     (unit_root / "etc/systemd/system/wsapp@.service").write_text(text)
-    result = subprocess.run(
-        ["systemd-analyze", "security", "--offline=true", f"--root={unit_root}",
-         "--no-pager", "wsapp@8001.service"],
-        capture_output=True, text=True, check=False,
-    )  # fmt: skip
-    score = re.search(r"Overall exposure level for wsapp@8001\.service: ([\d.]+)", result.stdout)
-    assert score, result.stdout + result.stderr
-    assert float(score[1]) <= 1.5
+    assert exposure(unit_root, "wsapp@8001.service") <= 1.5
     # --threshold counts in tenths (15 is 1.5): the exit status says the same.
     threshold = subprocess.run(
         ["systemd-analyze", "security", "--offline=true", "--threshold=15", f"--root={unit_root}",
