@@ -27,6 +27,7 @@ class Settings:
 
     host: str
     port: int
+    unix_socket: str
     handler: str
     version: str
     max_size: int
@@ -52,7 +53,11 @@ class Settings:
 # name, type, default, help. The option is --<name>, the env var APP_<NAME>.
 _OPTIONS: list[tuple[str, type, object, str]] = [
     ("host", str, "127.0.0.1", "address to bind (ignored with socket activation)"),
-    ("port", int, 8001, "port to bind; 0 picks a free one (ignored with socket activation)"),
+    ("port", int, 8001, "port to bind; 0 picks a free one (ignored with socket activation); "
+     "with --unix-socket, only the instance's name in /readyz and logs"),
+    ("unix_socket", str, "", "unix socket path to bind instead of host:port (ignored with "
+     "socket activation); a stale socket file there is replaced, and the new one is open to "
+     "whoever can reach its folder: the folder's permissions decide who connects"),
     ("handler", str, "app.handlers:echo", "the websockets handler, as module:callable"),
     ("version", str, "dev", "release label reported by /healthz, /readyz and /metrics"),
     ("max_size", int, 1048576, "largest message accepted, in bytes; past it: close 1009"),
@@ -131,6 +136,9 @@ def parse_settings(
             )
     if not 0 <= args.port <= 65535:
         parser.error(f"--port must be between 0 and 65535, got {args.port}")
+    # sun_path holds 108 bytes, the terminating NUL included.
+    if len(os.fsencode(args.unix_socket)) > 107:
+        parser.error(f"--unix-socket: {args.unix_socket!r} is longer than 107 bytes")
     for name in ("max_size", "max_queue", "max_connections"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
@@ -155,6 +163,7 @@ def parse_settings(
     return Settings(
         host=args.host,
         port=args.port,
+        unix_socket=args.unix_socket,
         handler=args.handler,
         version=args.version,
         max_size=args.max_size,

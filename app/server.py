@@ -20,6 +20,7 @@ import logging
 import os
 import signal
 import socket
+import stat
 from collections.abc import Awaitable, Callable
 from http import HTTPStatus
 from typing import Any
@@ -38,7 +39,7 @@ from app.bus import redact
 from app.config import Network, Settings
 from app.metrics import Metrics
 
-__all__ = ["Handler", "HttpHook", "Server", "client_address", "http_response"]
+__all__ = ["Handler", "HttpHook", "Server", "bind_unix", "client_address", "http_response"]
 
 logger = logging.getLogger(__name__)
 
@@ -62,18 +63,45 @@ def http_response(status: HTTPStatus, body: bytes, content_type: str) -> Respons
     return Response(status.value, status.phrase, headers, body)
 
 
-def client_address(peer: str, forwarded_for: str | None, trusted: tuple[Network, ...]) -> str:
+def client_address(
+    peer: str, forwarded_for: str | None, trusted: tuple[Network, ...], trust_peer: bool = False
+) -> str:
     """The client's address: X-Forwarded-For is believed only from a trusted proxy.
 
     The right-most address in the header that is not itself a trusted proxy is the
-    client; anything left of it could have been written by the client.
+    client; anything left of it could have been written by the client. ``trust_peer``
+    believes the peer whatever its address (a unix socket's peer has none).
     """
-    if not forwarded_for or not _is_trusted(peer, trusted):
+    if not forwarded_for or not (trust_peer or _is_trusted(peer, trusted)):
         return peer
     for hop in reversed([h.strip() for h in forwarded_for.split(",") if h.strip()]):
         if not _is_trusted(hop, trusted):
             return hop
     return peer
+
+
+def bind_unix(path: str) -> socket.socket:
+    """A unix socket bound at ``path``, replacing the stale socket file a crashed process left.
+
+    The file is made connectable by anyone (the process's umask would make it its own
+    alone): who reaches it is decided by its folder, e.g. one only nginx's group may enter.
+
+    Raises:
+        OSError: when ``path`` is something else than a socket, or cannot be bound.
+    """
+    try:
+        if stat.S_ISSOCK(os.lstat(path).st_mode):
+            os.unlink(path)
+    except FileNotFoundError:
+        pass
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(path)
+        os.chmod(path, 0o666)  # noqa: S103 (the folder grants access, see above)
+    except OSError:
+        sock.close()
+        raise
+    return sock
 
 
 def _is_trusted(address: str, trusted: tuple[Network, ...]) -> bool:
@@ -214,9 +242,14 @@ class Server:
     def _log(
         self, event: str, connection: ServerConnection, request: Request | None, **fields: Any
     ) -> None:
-        peer = connection.remote_address[0] if connection.remote_address else "-"
         forwarded = request.headers.get("X-Forwarded-For") if request else None
-        client = client_address(peer, forwarded, self.settings.trusted_proxies)
+        if connection.remote_address:
+            peer = connection.remote_address[0]
+            client = client_address(peer, forwarded, self.settings.trusted_proxies)
+        else:
+            # A unix socket's peer has no address; it is a local process the socket's
+            # folder let in (nginx), so its X-Forwarded-For is believed.
+            client = client_address("unix", forwarded, (), trust_peer=bool(forwarded))
         path = request.path if request else "-"
         logger.info(event, extra={"fields": {"client": client, "path": path, **fields}})
 
@@ -272,13 +305,19 @@ class Server:
         """
         settings = self.settings
         sock = systemd.activation_socket()
+        activated = sock is not None
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self.on_signal, signum)
-        options: dict[str, Any] = {"sock": sock} if sock else {
-            "host": settings.host, "port": settings.port, "reuse_address": True,
-        }  # fmt: skip
+        own_path = settings.unix_socket if sock is None else ""
+        own_inode = 0
         try:
+            if own_path:
+                sock = bind_unix(own_path)
+                own_inode = os.lstat(own_path).st_ino
+            options: dict[str, Any] = {"sock": sock} if sock else {
+                "host": settings.host, "port": settings.port, "reuse_address": True,
+            }  # fmt: skip
             server = await serve(
                 self.handle,
                 process_request=self.process_request,
@@ -296,12 +335,19 @@ class Server:
             )
         except OSError as error:
             # A port in use is an operator's problem to read in one line, not a traceback.
-            fields = {"host": settings.host, "port": settings.port, "error": error.strerror}
+            fields: dict[str, Any] = {
+                "host": settings.host, "port": settings.port, "error": error.strerror,
+            }  # fmt: skip
+            if own_path:
+                fields = {"unix_socket": own_path, "error": error.strerror}
             logger.error("listen_failed", extra={"fields": fields})
+            if sock is not None:
+                sock.close()
             return 1
         async with server:
             self._server = server
-            self.port = _bound_port(server, sock)
+            listening = _listening(server, sock)
+            self.port = _bound_port(listening, settings.port)
             # Before the loop runs again, so before any handler: the label needs the port.
             self.rooms = rooms.Rooms(
                 settings.instance or f"{socket.gethostname()}:{self.port}",
@@ -317,13 +363,17 @@ class Server:
                 "listening",
                 extra={"fields": {
                     "port": self.port, "version": settings.version, "handler": settings.handler,
-                    "pid": os.getpid(), "socket_activated": sock is not None,
+                    "pid": os.getpid(), "socket_activated": activated,
+                    "unix_socket": _unix_path(listening) or "-",
                     "instance": self.rooms.instance, "bus": bus,
                 }},
             )  # fmt: skip
             systemd.notify(f"READY=1\nSTATUS=serving on port {self.port}")
             await self._stopping.wait()
             await self.drain(server)
+        if own_path:
+            # Gone at a clean stop: nginx then finds no file rather than a refusing one.
+            _unlink_own(own_path, own_inode)
         return 0
 
     def restarting(self) -> bool:
@@ -365,6 +415,23 @@ class Server:
         logger.info("stopped", extra={"fields": {"port": self.port}})
 
 
-def _bound_port(server: WebSocketServer, sock: socket.socket | None) -> int:
-    listening = sock or next(iter(server.sockets))
-    return int(listening.getsockname()[1])
+def _listening(server: WebSocketServer, sock: socket.socket | None) -> socket.socket:
+    return sock or next(iter(server.sockets))
+
+
+def _bound_port(listening: socket.socket, named: int) -> int:
+    # A unix socket has no port: the instance keeps the one it is named by.
+    return named if listening.family == socket.AF_UNIX else int(listening.getsockname()[1])
+
+
+def _unix_path(listening: socket.socket) -> str:
+    return str(listening.getsockname()) if listening.family == socket.AF_UNIX else ""
+
+
+def _unlink_own(path: str, inode: int) -> None:
+    """Remove the socket file this process bound, not one a newer process bound since."""
+    try:
+        if os.lstat(path).st_ino == inode:
+            os.unlink(path)
+    except FileNotFoundError:
+        pass
