@@ -8,9 +8,11 @@ Argument: a JSON object with app_name, tls_cert and bus_monitor_port.
 from __future__ import annotations
 
 import glob
+import http.client
 import json
 import os
 import re
+import socket
 import ssl
 import subprocess
 import sys
@@ -29,6 +31,44 @@ def get(url: str) -> tuple[int, str]:
         return error.code, error.read().decode()
     except (OSError, ValueError):
         return 0, ""
+
+
+class UnixHTTPConnection(http.client.HTTPConnection):
+    """HTTP over the unix socket at ``path``."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__("localhost", timeout=2)
+        self.unix_path = path
+
+    def connect(self) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(2)
+        self.sock.connect(self.unix_path)
+
+
+def get_unix(path: str, target: str) -> tuple[int, str]:
+    """Status and body of a GET over a unix socket; 0 when nothing answers."""
+    connection = UnixHTTPConnection(path)
+    try:
+        connection.request("GET", target)
+        response = connection.getresponse()
+        return response.status, response.read().decode()
+    except (OSError, http.client.HTTPException):
+        return 0, ""
+    finally:
+        connection.close()
+
+
+def unix_socket(app_name: str, port: int) -> str:
+    """The instance's unix socket as its unit names it (app_listen unix); empty on TCP."""
+    try:
+        with open(f"/etc/systemd/system/{app_name}@.service") as f:
+            for line in f:
+                if line.startswith("Environment=APP_UNIX_SOCKET="):
+                    return line.split("=", 2)[2].strip().replace("%i", str(port))
+    except OSError:
+        pass
+    return ""
 
 
 def active(unit: str) -> str:
@@ -67,7 +107,8 @@ def instances(app_name: str) -> list[dict[str, Any]]:
     )
     found = []
     for port in ports:
-        code, body = get(f"http://127.0.0.1:{port}/readyz")
+        path = unix_socket(app_name, port)
+        code, body = get_unix(path, "/readyz") if path else get(f"http://127.0.0.1:{port}/readyz")
         try:
             info = json.loads(body) if body else {}
         except ValueError:

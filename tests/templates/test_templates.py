@@ -261,6 +261,43 @@ def test_site_proxies_websockets_with_upgrade_headers(nginx_prefix: Path) -> Non
     assert "worker_connections 40512;" in main  # two per proxied WebSocket
 
 
+def test_site_reaches_the_instances_on_unix_sockets(nginx_prefix: Path) -> None:
+    """With a socket folder, the upstream and /metrics/<port> go to <port>.sock each, and
+    nginx -t accepts it; nothing is proxied to a loopback port."""
+    result = nginx_check(nginx_prefix, nginx_upstream_socket_dir="/run/wsapp")
+    assert result.returncode == 0, result.stderr
+    site = (nginx_prefix / "sites-enabled" / "wsfleet.conf").read_text()
+    assert re.findall(r"server (\S+) max_fails=0;", site) == [
+        "unix:/run/wsapp/8001.sock", "unix:/run/wsapp/8002.sock",
+    ]  # fmt: skip
+    assert "proxy_pass http://unix:/run/wsapp/8002.sock:/metrics;" in site
+    assert "127.0.0.1:800" not in site
+
+
+def test_units_on_unix_sockets() -> None:
+    """app_listen unix: the socket unit listens on the path, for nginx's group only; the
+    service binds it itself in the one folder it may write, or is handed it."""
+    variables = role_vars("app", app_listen="unix", app_socket_activation=True)
+    socket_unit = render("etc/systemd/system/app@.socket.j2", variables)
+    assert "ListenStream=/run/wsapp/%i.sock\n" in socket_unit
+    assert "SocketUser=wsapp\nSocketGroup=www-data\nSocketMode=0660\n" in socket_unit
+    assert "NoDelay" not in socket_unit  # a TCP option
+    activated = render("etc/systemd/system/app@.service.j2", variables)
+    assert "Environment=APP_UNIX_SOCKET=/run/wsapp/%i.sock\n" in activated
+    assert "ReadWritePaths" not in activated
+    variables["app_socket_activation"] = False
+    binding = render("etc/systemd/system/app@.service.j2", variables)
+    assert "ReadWritePaths=/run/wsapp\n" in binding
+    assert "UMask=0077\n" in binding
+    tmpfiles = render("etc/tmpfiles.d/app.conf.j2", variables)
+    assert tmpfiles.splitlines()[-1] == "d /run/wsapp 0750 wsapp www-data -"
+    tcp = render("etc/systemd/system/app@.service.j2", role_vars("app"))
+    assert "APP_UNIX_SOCKET" not in tcp
+    assert "ReadWritePaths" not in tcp
+    tcp_socket = render("etc/systemd/system/app@.socket.j2", role_vars("app"))
+    assert "ListenStream=127.0.0.1:%i\n" in tcp_socket
+
+
 @pytest.fixture
 def unit_root(tmp_path: Path) -> Path:
     """A root for systemd-analyze: the machine's units, the app's binary path, env file."""
@@ -275,10 +312,11 @@ def unit_root(tmp_path: Path) -> Path:
     return root
 
 
+@pytest.mark.parametrize("listen", ["tcp", "unix"])
 @pytest.mark.parametrize("activation", [False, True])
-def test_systemd_verifies_the_units(unit_root: Path, activation: bool) -> None:
+def test_systemd_verifies_the_units(unit_root: Path, activation: bool, listen: str) -> None:
     """systemd-analyze verify accepts the template unit (and its socket)."""
-    variables = role_vars("app", app_socket_activation=activation)
+    variables = role_vars("app", app_socket_activation=activation, app_listen=listen)
     units = ["app@.service", "app@.socket"] if activation else ["app@.service"]
     for unit in units:
         text = render(f"etc/systemd/system/{unit}.j2", variables)
@@ -303,9 +341,13 @@ def test_systemd_verify_catches_a_broken_unit(unit_root: Path) -> None:
     assert result.returncode != 0
 
 
-def test_app_unit_exposure_is_at_most_1_5(unit_root: Path) -> None:
-    """systemd-analyze security scores the hardened unit at 1.5 or below."""
-    text = render("etc/systemd/system/app@.service.j2", role_vars("app"))
+@pytest.mark.parametrize(
+    ("listen", "activation"), [("tcp", False), ("unix", False), ("unix", True)]
+)
+def test_app_unit_exposure_is_at_most_1_5(unit_root: Path, listen: str, activation: bool) -> None:
+    """systemd-analyze security scores the hardened unit at 1.5 or below, on a unix socket too."""
+    variables = role_vars("app", app_listen=listen, app_socket_activation=activation)
+    text = render("etc/systemd/system/app@.service.j2", variables)
     (unit_root / "etc/systemd/system/wsapp@.service").write_text(text)
     assert exposure(unit_root, "wsapp@8001.service") <= 1.5
     # --threshold counts in tenths (15 is 1.5): the exit status says the same.
