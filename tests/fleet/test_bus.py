@@ -9,6 +9,7 @@ import time
 
 import localfleet
 from localfleet.ansible import ansible_playbook
+from localfleet.instances import instance_get
 from tests.fleet.rooms import Member, members_on, wait_for
 
 Fleet = localfleet.Fleet
@@ -135,9 +136,9 @@ def test_a_stopped_bus_server_cuts_off_only_its_own_host(fleet: Fleet, deployed:
                 await every_message_once(others, "without-fleet3")
                 assert not any(m.received for m in on_third), "fleet3 was reached without its bus"
                 for port in (8001, 8002):
-                    ready = json.loads(on_host(third, f"curl -sf 127.0.0.1:{port}/readyz"))
+                    ready = json.loads(instance_get(third, port, "/readyz").stdout)
                     assert ready["bus"] == "disconnected", ready
-                    metrics = on_host(third, f"curl -sf 127.0.0.1:{port}/metrics")
+                    metrics = instance_get(third, port, "/metrics").stdout
                     assert re.search(r"^wsapp_bus_connected 0\.0$", metrics, re.MULTILINE)
             finally:
                 on_host(third, "systemctl start nats-server")

@@ -17,6 +17,7 @@ from websockets.asyncio.client import connect
 import localfleet
 from localfleet.ansible import ansible_playbook
 from localfleet.demo import ca_file
+from localfleet.instances import instance_get
 from tests.fleet.load import assert_no_failures, load_on, summary
 from tests.fleet.test_release_under_load import versions
 
@@ -37,7 +38,7 @@ def open_connections(host: localfleet.FleetHost) -> int:
     """Client connections the app instances of ``host`` hold now."""
     total = 0
     for port in (8001, 8002):
-        health = host.ssh(f"curl -sf http://127.0.0.1:{port}/healthz").stdout
+        health = instance_get(host, port, "/healthz").stdout
         total += json.loads(health)["connections"] if health else 0
     return total
 

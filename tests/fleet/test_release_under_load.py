@@ -11,6 +11,7 @@ import json
 import localfleet
 from localfleet.ansible import ansible_playbook
 from localfleet.image import RELEASES
+from localfleet.instances import instance_get
 from tests.fleet.load import LONG_LIVED_PER_HOST, assert_no_failures, load_on, summary
 
 
@@ -23,7 +24,7 @@ def versions(fleet: localfleet.Fleet) -> dict[str, set[str]]:
         )
         units = [unit for unit in listed.stdout.split() if unit.startswith("wsapp@")]
         for port in (int(unit.split("@")[1].split(".")[0]) for unit in units):
-            health = json.loads(host.ssh(f"curl -sf http://127.0.0.1:{port}/healthz").stdout)
+            health = json.loads(instance_get(host, port, "/healthz").stdout)
             found.setdefault(host.name, set()).add(health["version"])
     return found
 
