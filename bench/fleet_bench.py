@@ -2,7 +2,7 @@
 
     .venv/bin/python -m bench.fleet_bench [--idle 20000] [--capacity 50000] [--seconds 5]
                                           [--out bench/out]
-                                          [--only host|fan-out]
+                                          [--only host|fan-out|listen] [--set VAR=VALUE]
 
 Deploys site.yml with bench/vars.yml over the demo settings to the local fleet (booting
 three hosts when no fleet is up), then measures, each pair side by side in this one run,
@@ -26,6 +26,12 @@ first host only (``--limit``), 5 over every host:
    bridge for the run (one address reaches one destination from about 28,000 ports):
    refused, memory per connection.
 
+``--only listen`` runs, alone, 7: nginx+TLS to the app over TCP loopback vs over a unix
+socket (``app_listen``), N=1 on the first host: the most 64 B and 16 KiB echo each
+carries against straight to the instance's port, and the CPU per message of nginx and
+the app. With ``--set app_listen=unix``, scenario 2 has no direct path (the instances
+listen on no port) and reports nginx+TLS alone.
+
 Prints one ``ratio <what>: <value>`` line per pair, the CPU microseconds nginx and the
 app spent per echoed message (``cpu us per message ...``), and writes report.md and PNG plots to
 --out. Leaves the hosts as the demo deploys them (or takes down the fleet it booted).
@@ -45,7 +51,6 @@ import resource
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,6 +62,7 @@ from bench.loadgen import PATHS, FanOut, Result
 from localfleet.ansible import ansible_playbook
 from localfleet.demo import ca_file
 from localfleet.hosts import host_pid
+from localfleet.instances import instance_get
 from localfleet.settings import BRIDGE, LB_HOST, NETWORK, REPO
 
 VARS = REPO / "bench" / "vars.yml"
@@ -145,12 +151,29 @@ def sample(host: localfleet.FleetHost) -> Sample:
 
 
 def open_connections(host: localfleet.FleetHost, instances: int) -> list[int]:
-    """Each instance's open connections, from its /healthz."""
+    """Each instance's open connections, from its /healthz (asked on the host: an instance
+    on a unix socket is out of the clients' reach).
+
+    Raises:
+        OSError: when an instance does not answer.
+    """
     counts = []
     for port in range(BASE_PORT, BASE_PORT + instances):
-        with urllib.request.urlopen(f"http://{host.address}:{port}/healthz", timeout=10) as r:
-            counts.append(int(json.load(r)["connections"]))
+        result = instance_get(host, port, "/healthz")
+        if result.returncode != 0:
+            raise OSError(f"{host.name}: instance {port} does not answer /healthz")
+        counts.append(int(json.loads(result.stdout)["connections"]))
     return counts
+
+
+def listen_mode(settings: Sequence[str]) -> str:
+    """app_listen as the deploys' --set options leave it (the role's default: tcp)."""
+    found = "tcp"
+    for setting in settings:
+        name, _, value = setting.partition("=")
+        if name.strip() == "app_listen":
+            found = value.strip()
+    return found
 
 
 def wait_until_idle(host: localfleet.FleetHost, instances: int, deadline: float = 120.0) -> None:
@@ -228,12 +251,20 @@ def cpu_per_message(result: Result, cpu: dict[str, float]) -> dict[str, float]:
     return {kind: used * 1e6 / max(result.done, 1) for kind, used in cpu.items()}
 
 
-def echo_runs(host: localfleet.FleetHost, ca: Path, seconds: float) -> dict[str, Any]:
-    """Scenario 2 (N=1): direct vs nginx+TLS at each offered load, and the most of each."""
-    targets = {
-        "direct": (f"ws://{host.address}:{BASE_PORT}/", None),
-        "nginx+TLS": (f"wss://{host.address}/", str(ca)),
-    }
+def echo_targets(host: localfleet.FleetHost, ca: Path, direct: bool) -> dict[str, Any]:
+    """The echo paths: through nginx+TLS, and straight to the instance's port if it has one."""
+    targets: dict[str, Any] = {"nginx+TLS": (f"wss://{host.address}/", str(ca))}
+    if direct:
+        targets = {"direct": (f"ws://{host.address}:{BASE_PORT}/", None), **targets}
+    return targets
+
+
+def echo_runs(
+    host: localfleet.FleetHost, ca: Path, seconds: float, direct: bool = True
+) -> dict[str, Any]:
+    """Scenario 2 (N=1): direct (when ``direct``) vs nginx+TLS at each offered load, and
+    the most of each."""
+    targets = echo_targets(host, ca, direct)
     runs: dict[str, Any] = {"loads": [], "max": {}, "us": {}}
     for size, loads in LOADS.items():
         for name, (url, ca_arg) in targets.items():
@@ -708,7 +739,7 @@ def host_scenarios(
 ) -> list[str]:
     """Scenarios 1 to 4 on ``host`` alone; their report sections."""
     print(f"deploy N=1 to {host.name}: {deploy(1, args.set, limit=host.name):.0f} s")
-    echo = echo_runs(host, ca, args.seconds)
+    echo = echo_runs(host, ca, args.seconds, direct=listen_mode(args.set) == "tcp")
     hs = {1: handshake_run(host, ca, args.seconds * 2, "N=1")}
     most = {1: echo["max"][("nginx+TLS", 64)][0]}
 
@@ -726,6 +757,8 @@ def host_scenarios(
     }
 
     for size in LOADS:
+        if ("direct", size) not in echo["max"]:
+            continue
         direct = echo["max"][("direct", size)][0].rate
         ratio(
             ratios,
@@ -756,6 +789,62 @@ def host_scenarios(
     if args.capacity:
         sections += capacity_section(capacity_run(host, ca, args, ratios), args.capacity)
     return sections
+
+
+def listen_scenario(
+    host: localfleet.FleetHost, ca: Path, args: argparse.Namespace, ratios: list[str]
+) -> list[str]:
+    """Scenario 7 (N=1): nginx+TLS to the instance over TCP loopback vs a unix socket, the
+    direct path (measured with TCP) the baseline of both; its report section."""
+    runs: dict[tuple[str, str, int], tuple[Result, dict[str, float]]] = {}
+    for listen in ("tcp", "unix"):
+        took = deploy(1, [*args.set, f"app_listen={listen}"], limit=host.name)
+        print(f"deploy N=1, app_listen={listen} to {host.name}: {took:.0f} s")
+        for size in LOADS:
+            for name, (url, ca_arg) in echo_targets(host, ca, listen == "tcp").items():
+                per_worker = ECHO_CONNECTIONS // WORKERS
+                work = (url, ca_arg, size, args.seconds, per_worker)
+                result, _server, cpu = measured(host, loadgen.echo_closed_loop, work, args.seconds)
+                runs[(listen, name, size)] = (result, cpu_per_message(result, cpu))
+                print(
+                    f"echo {size:>5} B most  {name:<9} app_listen={listen}: "
+                    f"{result.rate:>8,.0f} msg/s; {client_note(result)}"
+                )
+    md = [
+        "## 7. nginx+TLS to the app: TCP loopback vs unix socket (N=1)",
+        "",
+        "| size | path | achieved /s | p50 ms | p99 ms | nginx us/msg | app us/msg |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for size in LOADS:
+        direct = runs[("tcp", "direct", size)][0].rate
+        for listen in ("tcp", "unix"):
+            result, us = runs[(listen, "nginx+TLS", size)]
+            ratio(
+                ratios,
+                f"echo {size} B msg/s nginx+TLS/direct (N=1)",
+                result.rate / direct,
+                f"app_listen={listen}",
+            )
+            line = (
+                f"cpu us per echoed {size} B message, most, nginx+TLS app_listen={listen} "
+                f"(N=1): nginx {us['nginx']:.1f}, app {us['app']:.1f}"
+            )
+            print(line)
+            ratios.append(line)
+        tcp_us, unix_us = (runs[(mode, "nginx+TLS", size)][1] for mode in ("tcp", "unix"))
+        ratio(
+            ratios,
+            f"nginx cpu per echoed {size} B message unix/tcp",
+            unix_us["nginx"] / tcp_us["nginx"],
+        )
+    for (listen, name, size), (result, us) in runs.items():
+        path = name if name == "direct" else f"{name}, {listen}"
+        md.append(
+            f"| {size} B | {path} | {result.rate:,.0f} | {result.quantile(0.5):.2f} | "
+            f"{result.quantile(0.99):.2f} | {us['nginx']:.1f} | {us['app']:.1f} |"
+        )
+    return [*md, ""]
 
 
 def fan_out_scenario(
@@ -807,8 +896,9 @@ def main() -> int:
         help="a role variable for the deploys (ansible -e), to measure a tuning; repeatable",
     )  # fmt: skip
     parser.add_argument(
-        "--only", choices=["host", "fan-out"],
-        help="only scenarios 1-4 (on the first host) or only 5 (over every host)",
+        "--only", choices=["host", "fan-out", "listen"],
+        help="only scenarios 1-4 (on the first host), only 5 (over every host), or only 7 "
+        "(TCP loopback vs unix socket, on the first host)",
     )  # fmt: skip
     args = parser.parse_args()
     # Every idle connection is a descriptor in one of the client processes (a quarter of
@@ -831,7 +921,7 @@ def main() -> int:
     if booted:
         fleet = localfleet.up(hosts=3)
     hosts = fleet.app_servers
-    fan_out = args.only != "host"
+    fan_out = args.only in (None, "fan-out")
     if fan_out and len(hosts) < 2:
         print(
             f"fan-out skipped: the fleet has {len(hosts)} app server, it takes 2 or more "
@@ -849,8 +939,10 @@ def main() -> int:
     sections: list[str] = []
     try:
         ca = ca_file()
-        if args.only != "fan-out":
+        if args.only in (None, "host"):
             sections += host_scenarios(hosts[0], ca, args, ratios)
+        if args.only == "listen":
+            sections += listen_scenario(hosts[0], ca, args, ratios)
         if fan_out:
             sections += fan_out_scenario(hosts, ca, args, ratios)
         report(args.out, context, ratios, sections)
