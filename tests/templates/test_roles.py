@@ -62,3 +62,13 @@ def test_example_inventory_shows_every_variable() -> None:
     shown = set(re.findall(r"^(?:# )?([a-z]+_[a-z_0-9]+):", text, re.MULTILINE))
     missing = {name for role in ROLES for name in defaults(role)} - shown
     assert not missing
+
+
+def test_every_play_applying_nginx_to_app_servers_follows_app_listen() -> None:
+    """deploy.yml (through vars/app_servers.yml) and rollout.yml hand nginx the instances'
+    ports and where they listen alike: a rollout must not move nginx back to loopback."""
+    shared = yaml.safe_load((REPO / "playbooks/vars/app_servers.yml").read_text())
+    rollout = yaml.safe_load((REPO / "playbooks/rollout.yml").read_text())
+    batches = next(play for play in rollout if play.get("serial"))
+    for name in ("nginx_upstream_ports", "nginx_upstream_socket_dir"):
+        assert batches["vars"][name] == shared[name], name
