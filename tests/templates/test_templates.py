@@ -17,6 +17,8 @@ import yaml
 from ansible.plugins.filter.core import FilterModule
 from ansible.plugins.test.core import TestModule as AnsibleTests
 
+from app.config import parse_settings
+
 REPO = Path(__file__).resolve().parents[2]
 TEMPLATES = REPO / "templates"
 
@@ -259,6 +261,34 @@ def test_site_proxies_websockets_with_upgrade_headers(nginx_prefix: Path) -> Non
     assert "ssl_session_tickets off;" in main
     assert "server_tokens off;" in main
     assert "worker_connections 40512;" in main  # two per proxied WebSocket
+
+
+def app_env(**overrides: Any) -> dict[str, str]:
+    """The app's env file rendered with the role's variables, as NAME: value."""
+    # No bus: its URL comes from the bus role, which these tests do not render.
+    text = render("opt/app/app.env.j2", role_vars("app", **{"app_bus_url": "", **overrides}))
+    lines = [line for line in text.splitlines() if line and not line.startswith("#")]
+    return dict(line.split("=", 1) for line in lines)
+
+
+@pytest.mark.parametrize(("bits", "level"), [(10, 3), (15, 9), (9, 1)])
+def test_env_file_carries_the_deflate_settings(bits: int, level: int) -> None:
+    """app_compression_window_bits and app_compression_memlevel reach the app's settings."""
+    env = app_env(app_compression_window_bits=bits, app_compression_memlevel=level)
+    assert env["APP_COMPRESSION_WINDOW_BITS"] == str(bits)
+    assert env["APP_COMPRESSION_MEMLEVEL"] == str(level)
+    settings = parse_settings([], environ=env)
+    assert (settings.compression_window_bits, settings.compression_memlevel) == (bits, level)
+
+
+def test_env_file_defaults_are_the_apps_own() -> None:
+    """The role's defaults for deflate are the app's: running it by hand measures the same."""
+    env = app_env()
+    ours = parse_settings([], environ=env)
+    bare = parse_settings([], environ={})
+    assert (ours.compression, ours.compression_window_bits, ours.compression_memlevel) == (
+        bare.compression, bare.compression_window_bits, bare.compression_memlevel,
+    )  # fmt: skip
 
 
 @pytest.fixture
