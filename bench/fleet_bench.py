@@ -703,6 +703,17 @@ def report(out: Path, context: dict[str, Any], ratios: list[str], sections: list
 # --- main -------------------------------------------------------------------------------------
 
 
+def idle_scenario(
+    host: localfleet.FleetHost, ca: Path, args: argparse.Namespace, ratios: list[str]
+) -> None:
+    """Scenario 1's idle connections without compression alone: what a tuning (--set) does
+    to the memory per connection, without the echo runs around it."""
+    print(f"deploy N=2 to {host.name}: {deploy(2, args.set, limit=host.name):.0f} s")
+    run = idle_run(host, ca, args.idle, None, 2)
+    kib = run["kib"]
+    ratio(ratios, "idle KiB per connection nginx/app (none)", kib["nginx"] / kib["app"])
+
+
 def host_scenarios(
     host: localfleet.FleetHost, ca: Path, args: argparse.Namespace, ratios: list[str]
 ) -> list[str]:
@@ -807,8 +818,9 @@ def main() -> int:
         help="a role variable for the deploys (ansible -e), to measure a tuning; repeatable",
     )  # fmt: skip
     parser.add_argument(
-        "--only", choices=["host", "fan-out"],
-        help="only scenarios 1-4 (on the first host) or only 5 (over every host)",
+        "--only", choices=["host", "fan-out", "idle", "capacity"],
+        help="only scenarios 1-4 (on the first host), only 5 (over every host), only the "
+        "idle memory of 1 (a tuning's KiB per connection in a minute or two) or only 6",
     )  # fmt: skip
     args = parser.parse_args()
     # Every idle connection is a descriptor in one of the client processes (a quarter of
@@ -831,7 +843,7 @@ def main() -> int:
     if booted:
         fleet = localfleet.up(hosts=3)
     hosts = fleet.app_servers
-    fan_out = args.only != "host"
+    fan_out = args.only in (None, "fan-out")
     if fan_out and len(hosts) < 2:
         print(
             f"fan-out skipped: the fleet has {len(hosts)} app server, it takes 2 or more "
@@ -849,7 +861,11 @@ def main() -> int:
     sections: list[str] = []
     try:
         ca = ca_file()
-        if args.only != "fan-out":
+        if args.only == "idle":
+            idle_scenario(hosts[0], ca, args, ratios)
+        elif args.only == "capacity":
+            sections += capacity_section(capacity_run(hosts[0], ca, args, ratios), args.capacity)
+        elif args.only != "fan-out":
             sections += host_scenarios(hosts[0], ca, args, ratios)
         if fan_out:
             sections += fan_out_scenario(hosts, ca, args, ratios)
