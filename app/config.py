@@ -39,6 +39,8 @@ class Settings:
     max_connections: int
     allowed_origins: tuple[str, ...]
     compression: str
+    compression_window_bits: int
+    compression_memlevel: int
     drain_timeout: float
     restart_file: str
     trusted_proxies: tuple[Network, ...]
@@ -70,6 +72,10 @@ _OPTIONS: list[tuple[str, type, object, str]] = [
     ("allowed_origins", str, "", "comma-separated Origin values allowed (empty: any), "
      "others get 403; a request without Origin is not from a browser and is let through"),
     ("compression", str, "deflate", "permessage-deflate: 'deflate' or 'none' (less memory)"),
+    ("compression_window_bits", int, 10, "deflate's window, 9..15: the server's and, when "
+     "the client offers it, the client's (2**bits bytes each; larger compresses better)"),
+    ("compression_memlevel", int, 3, "zlib memLevel of the server's compressor, 1..9 "
+     "(memory per connection against speed and ratio)"),
     ("drain_timeout", float, 10.0, "seconds the graceful shutdown may take before exiting"),
     ("restart_file", str, "", "if this file exists at SIGTERM, close with 1012 instead of 1001"),
     ("trusted_proxies", str, "127.0.0.1,::1", "proxies whose X-Forwarded-For is believed"),
@@ -145,6 +151,14 @@ def parse_settings(
     for name in ("open_timeout", "close_timeout", "ping_interval", "ping_timeout", "drain_timeout"):
         if not getattr(args, name) > 0:
             parser.error(f"--{name.replace('_', '-')} must be more than 0 seconds")
+    # Checked here so a bad value names its option, not a traceback from serve(). RFC 7692
+    # allows 8 window bits, but zlib cannot compress with them and websockets refuses them.
+    for name, low, high in (("compression_window_bits", 9, 15), ("compression_memlevel", 1, 9)):
+        if not low <= getattr(args, name) <= high:
+            parser.error(
+                f"--{name.replace('_', '-')} must be between {low} and {high}, "
+                f"got {getattr(args, name)}"
+            )
     try:
         proxies = tuple(ipaddress.ip_network(p, strict=False) for p in _split(args.trusted_proxies))
     except ValueError as error:
@@ -175,6 +189,8 @@ def parse_settings(
         max_connections=args.max_connections,
         allowed_origins=_split(args.allowed_origins),
         compression=args.compression,
+        compression_window_bits=args.compression_window_bits,
+        compression_memlevel=args.compression_memlevel,
         drain_timeout=args.drain_timeout,
         restart_file=args.restart_file,
         trusted_proxies=proxies,

@@ -29,6 +29,8 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from websockets.asyncio.server import Server as WebSocketServer
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.datastructures import Headers
+from websockets.extensions.base import ServerExtensionFactory
+from websockets.extensions.permessage_deflate import ServerPerMessageDeflateFactory
 from websockets.frames import DATA_OPCODES, CloseCode, Frame
 from websockets.http11 import Request, Response
 from websockets.protocol import Event
@@ -39,7 +41,15 @@ from app.bus import redact
 from app.config import Network, Settings
 from app.metrics import Metrics
 
-__all__ = ["Handler", "HttpHook", "Server", "bind_unix", "client_address", "http_response"]
+__all__ = [
+    "Handler",
+    "HttpHook",
+    "Server",
+    "bind_unix",
+    "client_address",
+    "deflate_extensions",
+    "http_response",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -102,6 +112,26 @@ def bind_unix(path: str) -> socket.socket:
         sock.close()
         raise
     return sock
+
+
+def deflate_extensions(settings: Settings) -> list[ServerExtensionFactory]:
+    """The permessage-deflate offer of ``settings``; none when compression is off.
+
+    Built like websockets' own default (``compression="deflate"``: 12 bits, memLevel 5),
+    with the window and memLevel taken from the settings instead.
+    """
+    if settings.compression == "none":
+        return []
+    bits = settings.compression_window_bits
+    return [
+        ServerPerMessageDeflateFactory(
+            server_max_window_bits=bits,
+            # Bounds the window of the server's decompressor too, for clients that offer
+            # client_max_window_bits (browsers do); others keep their own 15 bits.
+            client_max_window_bits=bits,
+            compress_settings={"memLevel": settings.compression_memlevel},
+        )
+    ]
 
 
 def _is_trusted(address: str, trusted: tuple[Network, ...]) -> bool:
@@ -322,7 +352,9 @@ class Server:
                 self.handle,
                 process_request=self.process_request,
                 process_response=self.process_response,
-                compression=None if settings.compression == "none" else "deflate",
+                # Our own factory: compression="deflate" would add the library's fixed one.
+                compression=None,
+                extensions=deflate_extensions(settings),
                 max_size=settings.max_size,
                 max_queue=settings.max_queue,
                 open_timeout=settings.open_timeout,

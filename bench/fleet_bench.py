@@ -2,7 +2,8 @@
 
     .venv/bin/python -m bench.fleet_bench [--idle 20000] [--capacity 50000] [--seconds 5]
                                           [--out bench/out]
-                                          [--only host|fan-out|listen] [--set VAR=VALUE]
+                                          [--only host|fan-out|idle|capacity|listen]
+                                          [--set VAR=VALUE]
 
 Deploys site.yml with bench/vars.yml over the demo settings to the local fleet (booting
 three hosts when no fleet is up), then measures, each pair side by side in this one run,
@@ -734,6 +735,17 @@ def report(out: Path, context: dict[str, Any], ratios: list[str], sections: list
 # --- main -------------------------------------------------------------------------------------
 
 
+def idle_scenario(
+    host: localfleet.FleetHost, ca: Path, args: argparse.Namespace, ratios: list[str]
+) -> None:
+    """Scenario 1's idle connections without compression alone: what a tuning (--set) does
+    to the memory per connection, without the echo runs around it."""
+    print(f"deploy N=2 to {host.name}: {deploy(2, args.set, limit=host.name):.0f} s")
+    run = idle_run(host, ca, args.idle, None, 2)
+    kib = run["kib"]
+    ratio(ratios, "idle KiB per connection nginx/app (none)", kib["nginx"] / kib["app"])
+
+
 def host_scenarios(
     host: localfleet.FleetHost, ca: Path, args: argparse.Namespace, ratios: list[str]
 ) -> list[str]:
@@ -896,9 +908,10 @@ def main() -> int:
         help="a role variable for the deploys (ansible -e), to measure a tuning; repeatable",
     )  # fmt: skip
     parser.add_argument(
-        "--only", choices=["host", "fan-out", "listen"],
-        help="only scenarios 1-4 (on the first host), only 5 (over every host), or only 7 "
-        "(TCP loopback vs unix socket, on the first host)",
+        "--only", choices=["host", "fan-out", "idle", "capacity", "listen"],
+        help="only scenarios 1-4 (on the first host), only 5 (over every host), only the "
+        "idle memory of 1 (a tuning's KiB per connection in a minute or two), only 6, or "
+        "only 7 (TCP loopback vs unix socket, on the first host)",
     )  # fmt: skip
     args = parser.parse_args()
     # Every idle connection is a descriptor in one of the client processes (a quarter of
@@ -939,10 +952,14 @@ def main() -> int:
     sections: list[str] = []
     try:
         ca = ca_file()
-        if args.only in (None, "host"):
-            sections += host_scenarios(hosts[0], ca, args, ratios)
-        if args.only == "listen":
+        if args.only == "idle":
+            idle_scenario(hosts[0], ca, args, ratios)
+        elif args.only == "capacity":
+            sections += capacity_section(capacity_run(hosts[0], ca, args, ratios), args.capacity)
+        elif args.only == "listen":
             sections += listen_scenario(hosts[0], ca, args, ratios)
+        elif args.only in (None, "host"):
+            sections += host_scenarios(hosts[0], ca, args, ratios)
         if fan_out:
             sections += fan_out_scenario(hosts, ca, args, ratios)
         report(args.out, context, ratios, sections)

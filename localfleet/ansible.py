@@ -5,11 +5,16 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
+import tempfile
 
 from localfleet.settings import INVENTORY, REPO
 
 __all__ = ["ansible_playbook", "inventory_var", "parse_recap"]
+
+# The playbooks that take the deploy lock (roles/deploy_lock).
+LOCKING_PLAYBOOKS = ("site.yml", "rollout.yml", "rollback.yml")
 
 _RECAP = re.compile(r"^(?P<host>\S+)\s+:\s+(?P<counts>(?:\w+=\d+\s*)+)$")
 
@@ -22,14 +27,35 @@ def ansible_playbook(*args: str, check: bool = True) -> subprocess.CompletedProc
         check: raise AssertionError, with the play's output, when it fails.
     """
     env = {**os.environ, "ANSIBLE_NOCOLOR": "1", "ANSIBLE_FORCE_COLOR": "0"}
-    result = subprocess.run(
-        [str(REPO / ".venv" / "bin" / "ansible-playbook"), "-i", str(INVENTORY.parent), *args],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    command = [str(REPO / ".venv" / "bin" / "ansible-playbook"), "-i", str(INVENTORY.parent)]
+    # The output goes to files, not pipes, so that a run cut short still shows how far it got.
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        # Its own process group: ansible's forks go with it when it is killed.
+        process = subprocess.Popen(
+            [*command, *args], cwd=REPO, env=env, stdout=out, stderr=err, start_new_session=True
+        )
+        try:
+            process.wait()
+        except BaseException:
+            # Interrupted (a test's timeout, Ctrl-C): the run is killed, as a dead
+            # controller's would be. Its deploy lock would stay on the hosts and fail every
+            # later test with "locked by another run": break it, as an operator would once
+            # the run is over, and say where the run was before letting the interruption on.
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+            out.seek(0)
+            tail = out.read()[-8000:]
+            print(f"ansible-playbook {' '.join(args)} interrupted; its output:\n{tail}")
+            if any(arg.endswith(LOCKING_PLAYBOOKS) for arg in args):
+                subprocess.run(
+                    [*command, "playbooks/unlock.yml"], cwd=REPO, env=env,
+                    capture_output=True, check=False, timeout=180,
+                )  # fmt: skip
+            raise
+        out.seek(0)
+        err.seek(0)
+        stdout, stderr = out.read(), err.read()
+    result = subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
     if check and result.returncode != 0:
         raise AssertionError(
             f"ansible-playbook {' '.join(args)} exited {result.returncode}:\n"

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.extensions.permessage_deflate import ClientPerMessageDeflateFactory
 
 from tests.app.conftest import REPO, AppProcess, attach, spawn
 
@@ -340,6 +341,69 @@ def test_chat_page_and_broadcast_within_a_room(start_app: StartApp) -> None:
     assert 'wsapp_messages_total{direction="in"} 1.0' in metrics
     assert 'wsapp_messages_total{direction="out"} 2.0' in metrics
     assert 'wsapp_bytes_total{direction="out"} 12.0' in metrics
+
+
+def negotiated_extensions(url: str, offer: ClientPerMessageDeflateFactory | None) -> str | None:
+    """The server's Sec-WebSocket-Extensions answer to ``offer`` (None: no offer at all).
+
+    A chat line is echoed through the connection first: what was agreed also works.
+    """
+
+    async def handshake() -> str | None:
+        extensions = [offer] if offer else None
+        async with connect(url, compression=None, extensions=extensions) as ws:
+            line = '{"type": "message", "room": "lobby", "text": "hello hello hello"}'
+            await ws.send(line)
+            assert await ws.recv() == line
+            assert ws.response is not None
+            return ws.response.headers.get("Sec-WebSocket-Extensions")
+
+    return asyncio.run(handshake())
+
+
+def test_deflate_negotiates_the_configured_window(start_app: StartApp) -> None:
+    """APP_COMPRESSION_WINDOW_BITS bounds both windows; a client may ask for a smaller one."""
+    app = start_app(env={"APP_COMPRESSION_WINDOW_BITS": "11", "APP_COMPRESSION_MEMLEVEL": "4"})
+    # websockets' client, like browsers, offers client_max_window_bits without a value.
+    browser_like = ClientPerMessageDeflateFactory()
+    assert negotiated_extensions(app.url, browser_like) == (
+        "permessage-deflate; server_max_window_bits=11; client_max_window_bits=11"
+    )
+    # A client without client_max_window_bits keeps its 15 bits: the server must accept.
+    no_client_bits = ClientPerMessageDeflateFactory(client_max_window_bits=None)
+    assert negotiated_extensions(app.url, no_client_bits) == (
+        "permessage-deflate; server_max_window_bits=11"
+    )
+    smaller = ClientPerMessageDeflateFactory(server_max_window_bits=9, client_max_window_bits=9)
+    assert negotiated_extensions(app.url, smaller) == (
+        "permessage-deflate; server_max_window_bits=9; client_max_window_bits=9"
+    )
+
+
+def test_no_compression_declines_deflate_whatever_the_window(start_app: StartApp) -> None:
+    """--compression none answers a deflate offer without the extension."""
+    app = start_app("--compression", "none", "--compression-window-bits", "10")
+    offer = ClientPerMessageDeflateFactory(client_max_window_bits=True)
+    assert negotiated_extensions(app.url, offer) is None
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [
+        ("--compression-window-bits", "8", "must be between 9 and 15, got 8"),
+        ("--compression-window-bits", "16", "must be between 9 and 15, got 16"),
+        ("--compression-memlevel", "0", "must be between 1 and 9, got 0"),
+        ("--compression-memlevel", "high", "invalid int value: 'high'"),
+    ],
+)
+def test_bad_deflate_setting_exits_2_naming_it(option: str, value: str, message: str) -> None:
+    """A window or memLevel zlib cannot use is refused before listening, the option named."""
+    process = spawn("--port", "0", option, value)
+    output, _ = process.communicate(timeout=30)
+    assert process.returncode == 2
+    assert f"{option}" in output
+    assert message in output
+    assert "event=listening" not in output
 
 
 def test_plain_get_on_the_websocket_path_gets_426(start_app: StartApp) -> None:

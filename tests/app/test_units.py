@@ -46,13 +46,31 @@ def test_release_label_is_version_label_and_app_version() -> None:
 
 @pytest.mark.parametrize(
     ("variable", "value"),
-    [("APP_COMPRESSION", "gzip"), ("APP_LOG_FORMAT", "xml"), ("APP_DRAIN_TIMEOUT", "0")],
+    [
+        ("APP_COMPRESSION", "gzip"),
+        ("APP_COMPRESSION_WINDOW_BITS", "8"),
+        ("APP_COMPRESSION_WINDOW_BITS", "16"),
+        ("APP_COMPRESSION_MEMLEVEL", "0"),
+        ("APP_COMPRESSION_MEMLEVEL", "10"),
+        ("APP_LOG_FORMAT", "xml"),
+        ("APP_DRAIN_TIMEOUT", "0"),
+    ],
 )
 def test_invalid_environment_values_are_rejected(variable: str, value: str) -> None:
     """A value argparse would let through as a default still fails with exit code 2."""
     with pytest.raises(SystemExit) as exit_info:
         parse_settings([], environ={variable: value})
     assert exit_info.value.code == 2
+
+
+def test_deflate_window_and_memlevel_come_from_the_environment() -> None:
+    """APP_COMPRESSION_WINDOW_BITS and APP_COMPRESSION_MEMLEVEL, at their limits too."""
+    for bits, level in (("9", "1"), ("15", "9")):
+        env = {"APP_COMPRESSION_WINDOW_BITS": bits, "APP_COMPRESSION_MEMLEVEL": level}
+        settings = parse_settings([], environ=env)
+        assert (settings.compression_window_bits, settings.compression_memlevel) == (
+            int(bits), int(level),
+        )  # fmt: skip
 
 
 def test_notify_reaches_an_abstract_socket(monkeypatch: pytest.MonkeyPatch) -> None:

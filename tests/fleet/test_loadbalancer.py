@@ -66,6 +66,9 @@ def test_the_balancer_spreads_wss_over_every_app_server(
     assert sum(spread.values()) >= 30
 
 
+# Its time counts the module's closing deploy too (the balancer leaves, the release of
+# before comes back): two rolling restarts of the fleet in one test's time.
+@pytest.mark.timeout(900)
 def test_a_rollout_behind_the_balancer_fails_nothing(
     fleet: localfleet.Fleet, balancer: localfleet.FleetHost
 ) -> None:

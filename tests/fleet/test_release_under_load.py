@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 import localfleet
 from localfleet.ansible import ansible_playbook
 from localfleet.image import RELEASES
@@ -29,6 +31,8 @@ def versions(fleet: localfleet.Fleet) -> dict[str, set[str]]:
     return found
 
 
+# A release and the deploy back to the session's: two rolling restarts of the fleet.
+@pytest.mark.timeout(900)
 def test_a_release_under_load_fails_no_connection(
     fleet: localfleet.Fleet, deployed: object
 ) -> None:

@@ -17,6 +17,8 @@ import yaml
 from ansible.plugins.filter.core import FilterModule
 from ansible.plugins.test.core import TestModule as AnsibleTests
 
+from app.config import parse_settings
+
 REPO = Path(__file__).resolve().parents[2]
 TEMPLATES = REPO / "templates"
 
@@ -296,6 +298,34 @@ def test_units_on_unix_sockets() -> None:
     assert "ReadWritePaths" not in tcp
     tcp_socket = render("etc/systemd/system/app@.socket.j2", role_vars("app"))
     assert "ListenStream=127.0.0.1:%i\n" in tcp_socket
+
+
+def app_env(**overrides: Any) -> dict[str, str]:
+    """The app's env file rendered with the role's variables, as NAME: value."""
+    # No bus: its URL comes from the bus role, which these tests do not render.
+    text = render("opt/app/app.env.j2", role_vars("app", **{"app_bus_url": "", **overrides}))
+    lines = [line for line in text.splitlines() if line and not line.startswith("#")]
+    return dict(line.split("=", 1) for line in lines)
+
+
+@pytest.mark.parametrize(("bits", "level"), [(10, 3), (15, 9), (9, 1)])
+def test_env_file_carries_the_deflate_settings(bits: int, level: int) -> None:
+    """app_compression_window_bits and app_compression_memlevel reach the app's settings."""
+    env = app_env(app_compression_window_bits=bits, app_compression_memlevel=level)
+    assert env["APP_COMPRESSION_WINDOW_BITS"] == str(bits)
+    assert env["APP_COMPRESSION_MEMLEVEL"] == str(level)
+    settings = parse_settings([], environ=env)
+    assert (settings.compression_window_bits, settings.compression_memlevel) == (bits, level)
+
+
+def test_env_file_defaults_are_the_apps_own() -> None:
+    """The role's defaults for deflate are the app's: running it by hand measures the same."""
+    env = app_env()
+    ours = parse_settings([], environ=env)
+    bare = parse_settings([], environ={})
+    assert (ours.compression, ours.compression_window_bits, ours.compression_memlevel) == (
+        bare.compression, bare.compression_window_bits, bare.compression_memlevel,
+    )  # fmt: skip
 
 
 @pytest.fixture
