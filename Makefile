@@ -17,15 +17,22 @@ INVENTORY := inventories/demo
 APT_PACKAGES := systemd-container debootstrap iproute2 openssh-client util-linux \
 	nginx nats-server curl ca-certificates chromium chromium-driver libnss3-tools prometheus
 
-.PHONY: help apt-deps venv lint test test-unit test-fleet demo demo-down fleet-up fleet-status status bench clean
+.PHONY: help apt-deps venv lint check test test-unit test-fleet demo demo-down fleet-up fleet-status status bench clean
 
 help:
 	@echo "make demo       local fleet of $(HOSTS) hosts, deployed with site.yml; prints the URLs"
 	@echo "make demo-down  remove the local fleet"
 	@echo "make test       lint, unit, template and fleet tests (installs what it needs)"
+	@echo "make check      lint, unit and template tests: no fleet, a few minutes"
+	@echo "make test-fleet K=expr  the fleet tests matching expr, on a fleet kept up between runs"
 	@echo "make lint       ruff, mypy --strict, yamllint, ansible-lint"
 	@echo "make bench      capacity figures on the local fleet; report in bench/out/"
 	@echo "make status     one table of the fleet (FORMAT=json for scripts; INVENTORY=...)"
+
+# Each download bounded (seconds per operation, tries again): a stalled mirror or index
+# fails in minutes, naming what it was fetching, instead of holding the run.
+APT_BOUNDS := -o Acquire::http::Timeout=30 -o Acquire::Retries=2
+PIP_INSTALL := pip install -q --disable-pip-version-check --timeout 30 --retries 2
 
 apt-deps:
 	@missing=""; for p in $(APT_PACKAGES); do \
@@ -33,17 +40,18 @@ apt-deps:
 	done; \
 	if [ -n "$$missing" ]; then \
 		echo "apt: installing$$missing"; \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+		apt-get $(APT_BOUNDS) update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get $(APT_BOUNDS) install -y -qq $$missing >/dev/null; \
 	fi
 
 $(BIN)/.installed: requirements/dev.txt requirements/app.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --disable-pip-version-check -r requirements/dev.txt
+	$(BIN)/$(PIP_INSTALL) -r requirements/dev.txt
 	touch $@
 
 .venv-sslyze/.installed: requirements/sslyze.txt
 	test -x .venv-sslyze/bin/python || $(PYTHON) -m venv .venv-sslyze
-	.venv-sslyze/bin/pip install -q --disable-pip-version-check -r requirements/sslyze.txt
+	.venv-sslyze/bin/$(PIP_INSTALL) -r requirements/sslyze.txt
 	touch $@
 
 venv: $(BIN)/.installed .venv-sslyze/.installed
@@ -54,11 +62,21 @@ lint: venv
 	$(BIN)/yamllint --strict .
 	$(BIN)/ansible-lint
 
+# The fleet tests' playbooks run with Mitogen's strategy (README, Tests), the first
+# deploy of a session excepted.
+export WSFLEET_MITOGEN ?= 1
+
 test-unit: apt-deps venv
 	$(BIN)/pytest -m "not fleet"
 
+# The inner loop: everything that needs no fleet.
+check: apt-deps lint test-unit
+
+# Selected fleet tests (K: a pytest -k expression; all when empty) on a fleet that stays
+# up afterwards (WSFLEET_KEEP=1), converged again by site.yml at the start of each run.
+# `make demo-down` removes it.
 test-fleet: apt-deps venv
-	$(BIN)/pytest -m fleet
+	WSFLEET_KEEP=1 $(BIN)/pytest -m fleet $(if $(K),-k "$(K)")
 
 # One pytest run, so its closing line counts every test; the fleet fixtures bring the
 # hosts up for the session and take them down at its end (also when a test fails).
@@ -66,7 +84,7 @@ test: apt-deps venv lint
 	$(BIN)/pytest
 
 $(BIN)/.bench-installed: requirements/bench.txt $(BIN)/.installed
-	$(BIN)/pip install -q --disable-pip-version-check -r requirements/bench.txt
+	$(BIN)/$(PIP_INSTALL) -r requirements/bench.txt
 	touch $@
 
 # Figures to size a fleet with, measured through site.yml on the local fleet (the first

@@ -197,6 +197,13 @@ def prepare_host(host: FleetHost, public_key: str) -> None:
         f"[Match]\nName=host0\n\n[Network]\nAddress={host.address}/{NETWORK.prefixlen}\n"
         "LinkLocalAddressing=no\n"
     )
+    # No per-login user manager (pam_systemd's user@0.service): once a host's last SSH
+    # session closes, logind stops it, and in these containers systemd cannot kill a unit's
+    # leftovers, so the stop hangs for its 90 s timeout while every new login waits on it.
+    # Nothing the roles do needs a login session; the host's own services are untouched.
+    session = root / "etc/pam.d/common-session"
+    lines = session.read_text().splitlines(keepends=True)
+    session.write_text("".join(line for line in lines if "pam_systemd.so" not in line))
     ssh_dir = root / "root/.ssh"
     ssh_dir.mkdir(mode=0o700, exist_ok=True)
     (ssh_dir / "authorized_keys").write_text(public_key)

@@ -62,6 +62,12 @@ INCLUDE = [
 # What the roles install with apt: fetched into the image (lists and archives), not installed.
 PREFETCH = ["nginx", "python3-venv", "nats-server"]
 RECIPE_VERSION = "3"  # bump when the build steps below change in a way the lists don't show
+# Each download's bounds, for debootstrap's wget and for apt: a stalled mirror fails the
+# build in minutes, naming the mirror, instead of holding it for as long as it stalls.
+DOWNLOAD_TIMEOUT = 30
+DOWNLOAD_TRIES = 3
+APT_BOUNDS = ["-o", f"Acquire::http::Timeout={DOWNLOAD_TIMEOUT}",
+              "-o", f"Acquire::Retries={DOWNLOAD_TRIES - 1}"]  # fmt: skip
 
 
 def image_dir(release: str) -> Path:
@@ -97,14 +103,24 @@ def build_image(release: str) -> None:
     IMAGES.mkdir(parents=True, exist_ok=True)
     scratch = STATE / f"image-{release}.new"
     shutil.rmtree(scratch, ignore_errors=True)
-    run(["debootstrap", "--variant=minbase", f"--include={','.join(INCLUDE)}",
-         release, str(scratch), MIRROR])  # fmt: skip
-    (scratch / "etc/apt/sources.list").unlink(missing_ok=True)
-    (scratch / "etc/apt/sources.list.d/debian.sources").write_text(sources(release))
+    wgetrc = STATE / f"wgetrc-{release}"
+    wgetrc.write_text(f"timeout = {DOWNLOAD_TIMEOUT}\ntries = {DOWNLOAD_TRIES}\n")
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive", "WGETRC": str(wgetrc)}
     chroot = ["chroot", str(scratch)]
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    run([*chroot, "apt-get", "update", "-q"], env=env)
-    run([*chroot, "apt-get", "install", "-y", "-q", "--download-only", *PREFETCH], env=env)
+    try:
+        run(["debootstrap", "--variant=minbase", f"--include={','.join(INCLUDE)}",
+             release, str(scratch), MIRROR], env=env)  # fmt: skip
+        (scratch / "etc/apt/sources.list").unlink(missing_ok=True)
+        (scratch / "etc/apt/sources.list.d/debian.sources").write_text(sources(release))
+        run([*chroot, "apt-get", *APT_BOUNDS, "update", "-q"], env=env)
+        run([*chroot, "apt-get", *APT_BOUNDS, "install", "-y", "-q", "--download-only",
+             *PREFETCH], env=env)  # fmt: skip
+    except FleetError as error:
+        raise FleetError(
+            f"the {release} image could not be downloaded from {MIRROR}: {error}"
+        ) from None
+    finally:
+        wgetrc.unlink(missing_ok=True)
     # networkd gives host0 its static address; the apt timers would try the network.
     run([*chroot, "systemctl", "enable", "systemd-networkd", "ssh"])
     run([*chroot, "systemctl", "mask", "apt-daily.timer", "apt-daily-upgrade.timer",

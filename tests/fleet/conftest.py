@@ -1,7 +1,10 @@
 """Fixtures for tests on the local fleet: real systemd hosts, reached over real SSH.
 
-The fleet comes up once per session and is always taken down at its end, leaving the
-machine as it was (the teardown checks that nothing of it is left). It is a mixed fleet,
+The fleet comes up once per session and is taken down at its end, leaving the machine as
+it was (the teardown checks that nothing of it is left), unless WSFLEET_KEEP=1 (``make
+test-fleet``): then a running fleet is used as it is and stays up for the next run. A fleet
+that cannot come up, or a first deploy that fails, stops the session with one line saying
+why, instead of an error for every fleet test. It is a mixed fleet,
 Debian 13 and Debian 12 in turn (fleet1 trixie, fleet2 bookworm, fleet3 trixie): every
 test that spans the fleet spans both releases, and ``tests.fleet.releases`` picks a host
 of each.
@@ -9,13 +12,15 @@ of each.
 
 from __future__ import annotations
 
+import os
 import subprocess
+import sys
 from collections.abc import Iterator
 
 import pytest
 
 import localfleet
-from localfleet.ansible import ansible_playbook
+from localfleet.ansible import ansible_playbook, failure_summary
 from localfleet.image import MIX
 
 
@@ -30,18 +35,32 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     items.sort(key=lambda item: item.path.name != "test_fleet.py")
 
 
+KEEP = os.environ.get("WSFLEET_KEEP") == "1"
+
+
 @pytest.fixture(scope="session")
 def fleet() -> Iterator[localfleet.Fleet]:
     """The local fleet of three app servers of both releases, up for the whole session."""
     try:
-        yield localfleet.up(hosts=3, releases=MIX)
+        hosts = localfleet.up(hosts=3, releases=MIX)
+    except localfleet.FleetError as error:
+        print(error, file=sys.stderr)
+        pytest.exit(f"the local fleet did not come up: {str(error).splitlines()[0]}", 1)
+    try:
+        yield hosts
     finally:
-        localfleet.down()
-        left = localfleet.leftovers()
-        assert not left, f"the fleet left state behind: {left}"
+        if not KEEP:
+            localfleet.down()
+            left = localfleet.leftovers()
+            assert not left, f"the fleet left state behind: {left}"
 
 
 @pytest.fixture(scope="session")
 def deployed(fleet: localfleet.Fleet) -> subprocess.CompletedProcess[str]:
-    """site.yml applied once to the fleet."""
-    return ansible_playbook("site.yml")
+    """site.yml applied once to the fleet, with Ansible's own strategy as operators run it
+    (the later runs may use Mitogen's: README, Tests)."""
+    result = ansible_playbook("site.yml", check=False, mitogen=False)
+    if result.returncode != 0:
+        print(result.stdout[-6000:], result.stderr[-3000:], sep="\n", file=sys.stderr)
+        pytest.exit(f"site.yml failed on the local fleet: {failure_summary(result.stdout)}", 1)
+    return result
