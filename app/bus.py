@@ -15,7 +15,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -24,15 +24,18 @@ from nats.aio.client import Client
 from nats.aio.client import Server as PoolServer
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
+from nats.js import api as js_api
+from nats.js.errors import BadRequestError, NotFoundError
 
 from app.metrics import BusMetrics
 
-__all__ = ["Bus", "OnMessage", "redact"]
+__all__ = ["Bus", "OnMessage", "StoredMessage", "redact"]
 
 logger = logging.getLogger(__name__)
 
-OnMessage = Callable[[str, Mapping[str, str], bytes], None]
-"""Called with the subject, headers and payload of every message received."""
+OnMessage = Callable[[str, Mapping[str, str], bytes], Awaitable[None]]
+"""Awaited with the subject, headers and payload of every message received; the messages
+of one subscription are handed over one at a time, in order."""
 
 # Until the first connection, an attempt every second (nats-py's own loop, whole
 # seconds). After a loss, an attempt at once, then waits doubling from 50 ms to 2 s:
@@ -54,6 +57,17 @@ _CONNECTION_ERRORS = (
     nats.errors.UnexpectedEOF,
     nats.errors.StaleConnectionError,
 )
+
+
+# A stored publish waits this long for the stream's acknowledgement, and is tried once
+# more with the same Nats-Msg-Id (stored once, whichever attempt got through).
+_STORE_TIMEOUT = 2.0
+_STORE_TRIES = 2
+# JetStream's error code for a stream that exists with another configuration.
+_STREAM_NAME_IN_USE = 10058
+
+StoredMessage = js_api.RawStreamMsg
+"""A message read back from a stream: ``seq``, ``subject``, ``headers``, ``data``."""
 
 
 def redact(url: str) -> str:
@@ -258,7 +272,73 @@ class Bus:
                 await subscription.unsubscribe()
 
     async def _receive(self, message: Msg) -> None:
-        self._on_message(message.subject, message.headers or {}, message.data)
+        await self._on_message(message.subject, message.headers or {}, message.data)
+
+    async def flush(self) -> bool:
+        """Wait until the server has processed everything sent so far (a subscription
+        made, say); False when disconnected or it did not answer in time."""
+        if not self.connected:
+            return False
+        try:
+            await self._client.flush(_RTT_TIMEOUT)
+        except (nats.errors.Error, TimeoutError):
+            return False
+        return True
+
+    # --- the history: a JetStream stream on the same servers ------------------------------
+
+    async def ensure_stream(self, config: js_api.StreamConfig) -> None:
+        """Create the stream, or bring an existing one to ``config``.
+
+        Raises:
+            nats.errors.Error: JetStream is off, has no quorum yet, or refused the config.
+        """
+        jetstream = self._client.jetstream(timeout=_STORE_TIMEOUT)
+        try:
+            await jetstream.add_stream(config)
+        except BadRequestError as error:
+            if error.err_code != _STREAM_NAME_IN_USE:
+                raise
+            await jetstream.update_stream(config)
+
+    async def store(
+        self, subject: str, payload: bytes, headers: Mapping[str, str], msg_id: str
+    ) -> int | None:
+        """Publish into the stream and wait until it is stored (replicated, when the stream
+        is); the stream's sequence, or None when it could not be stored in time.
+
+        A retry carries the same ``Nats-Msg-Id``: the stream keeps the message once.
+        """
+        if not self.connected:
+            return None
+        size = len(payload) + _headers_size({**headers, "Nats-Msg-Id": msg_id})
+        if size > self._client.max_payload:
+            return None
+        jetstream = self._client.jetstream(timeout=_STORE_TIMEOUT)
+        for _ in range(_STORE_TRIES):
+            try:
+                ack = await jetstream.publish(
+                    subject, payload, headers={**headers, "Nats-Msg-Id": msg_id}
+                )
+            except (nats.errors.Error, TimeoutError):
+                continue
+            return ack.seq
+        return None
+
+    async def stored(self, stream: str, seq: int) -> StoredMessage | None:
+        """The stream's message ``seq``, or None once it is gone (or never was)."""
+        try:
+            return await self._client.jetstream(timeout=_STORE_TIMEOUT).get_msg(stream, seq=seq)
+        except NotFoundError:
+            return None
+
+    async def stored_after(self, stream: str, subject: str, seq: int) -> StoredMessage | None:
+        """The first message on ``subject`` stored after ``seq``, or None when there is none."""
+        jetstream = self._client.jetstream(timeout=_STORE_TIMEOUT)
+        try:
+            return await jetstream.get_msg(stream, seq=seq + 1, subject=subject, next=True)
+        except NotFoundError:
+            return None
 
     async def close(self) -> None:
         """Send what is buffered and disconnect; no further attempts."""

@@ -49,6 +49,9 @@ class Settings:
     bus_url: tuple[str, ...]
     bus_token: str
     bus_prefix: str
+    bus_history_max_age: float
+    bus_history_max_bytes: int
+    bus_history_replicas: int
     instance: str
 
 
@@ -85,6 +88,13 @@ _OPTIONS: list[tuple[str, type, object, str]] = [
      "e.g. nats://127.0.0.1:4222 (empty: rooms stay in this process)"),
     ("bus_token", str, "", "auth token for the bus server (better given in the environment)"),
     ("bus_prefix", str, "wsapp", "first tokens of the bus subjects: <prefix>.room.<room>"),
+    ("bus_history_max_age", float, 0.0, "seconds the bus keeps each room message (a JetStream "
+     "stream <PREFIX>_ROOMS): messages get ids and a client coming back with the last id it "
+     "saw gets what it missed; 0: no history, room messages go at most once"),
+    ("bus_history_max_bytes", int, 268435456, "bytes of room messages the history holds at "
+     "most; the oldest go first"),
+    ("bus_history_replicas", int, 1, "bus servers holding each stored message, 1..5 (3 keeps "
+     "every message with one server down)"),
     ("instance", str, "", "label of this process in presence and logs (empty: <hostname>:<port>)"),
 ]  # fmt: skip
 # Options whose value must not show in --help (it prints the defaults, read from APP_*).
@@ -174,6 +184,12 @@ def parse_settings(
         )
     if ":" not in args.handler:
         parser.error(f"--handler must be module:callable, got {args.handler!r}")
+    if args.bus_history_max_age < 0:
+        parser.error("--bus-history-max-age must be 0 (no history) or more seconds")
+    if args.bus_history_max_bytes < 1:
+        parser.error("--bus-history-max-bytes must be at least 1")
+    if not 1 <= args.bus_history_replicas <= 5:
+        parser.error("--bus-history-replicas must be between 1 and 5")
     return Settings(
         host=args.host,
         port=args.port,
@@ -199,5 +215,8 @@ def parse_settings(
         bus_url=bus_urls,
         bus_token=args.bus_token,
         bus_prefix=args.bus_prefix,
+        bus_history_max_age=args.bus_history_max_age,
+        bus_history_max_bytes=args.bus_history_max_bytes,
+        bus_history_replicas=args.bus_history_replicas,
         instance=args.instance,
     )

@@ -49,6 +49,12 @@ def _wants_events(path: str) -> bool:
     return parse_qs(urlsplit(path).query).get("events", [""])[0] == "1"
 
 
+def _since(path: str) -> int | None:
+    """``since=<id>``: the last message id the client saw; None when absent or not an id."""
+    value = parse_qs(urlsplit(path).query).get("since", [""])[0]
+    return int(value) if value.isdigit() else None
+
+
 async def chat(ws: ServerConnection) -> None:
     """Send each message to every member of the room in the fleet, the sender too.
 
@@ -57,12 +63,18 @@ async def chat(ws: ServerConnection) -> None:
 
     Messages go out as they came in: text as text, binary as binary. A client that adds
     ``events=1`` to the query (the page does) also gets events as binary frames of
-    JSON: ``{"type": "hello", "instance": ...}`` first (the process serving it), then
-    ``{"type": "presence", "members": N}`` whenever the room's count in the fleet changes.
+    JSON: ``{"type": "message", "id": N}`` before each message the bus stored (its id,
+    the same in every process, growing in the room's order), ``{"type": "hello",
+    "instance": ...}`` (the process serving it), then ``{"type": "presence", "members": N}``
+    whenever the room's count in the fleet changes. A client that comes back with
+    ``since=<the last id it saw>`` first gets the messages it missed, then
+    ``{"type": "resumed", "restored": K, "complete": true|false, ...}``
+    (:meth:`app.rooms.Rooms.joined`).
     """
     path = ws.request.path if ws.request else "/"
-    async with rooms.joined(_room_of(path), ws) as room:
-        events = asyncio.create_task(_send_events(ws, room)) if _wants_events(path) else None
+    events_wanted = _wants_events(path)
+    async with rooms.joined(_room_of(path), ws, since=_since(path), ids=events_wanted) as room:
+        events = asyncio.create_task(_send_events(ws, room)) if events_wanted else None
         try:
             async for message in ws:
                 await room.broadcast(message)

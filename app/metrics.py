@@ -122,8 +122,23 @@ class BusMetrics:
             "Round trip to the bus server (PING/PONG), measured every few seconds.",
             registry=registry,
         )
+        self.history = Gauge(
+            "wsapp_bus_history",
+            "1 while room messages are stored in the bus's history (JetStream) before "
+            "delivery, else 0: they then go at most once.",
+            registry=registry,
+        )
+        self.replayed = Counter(
+            "wsapp_room_replayed",
+            "Room messages delivered from the history, by cause (resume: a client came back "
+            "with the last id it saw; gap: this process missed them live).",
+            ["cause"],
+            registry=registry,
+        )
         for direction in ("in", "out"):
             for kind in ("room", "presence"):
                 self.messages.labels(direction, kind)
         for reason in ("disconnected", "too_large"):
             self.dropped.labels(reason)
+        for cause in ("resume", "gap"):
+            self.replayed.labels(cause)

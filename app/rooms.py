@@ -33,15 +33,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
+import re
 import socket
 import string
 import time
+import uuid
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
 
+from nats.js import api as js_api
 from prometheus_client import CollectorRegistry
 from websockets.asyncio.server import ServerConnection, broadcast
+from websockets.exceptions import ConnectionClosed
 from websockets.protocol import State
 
 from app.bus import Bus
@@ -51,6 +57,7 @@ __all__ = [
     "EXPIRY",
     "HEARTBEAT",
     "MAX_NAME_BYTES",
+    "History",
     "Room",
     "Rooms",
     "current",
@@ -72,7 +79,43 @@ TYPE_HEADER = "Wsapp-Type"
 MEMBERS_HEADER = "Wsapp-Members"
 INSTANCE_HEADER = "Wsapp-Instance"
 
+# Headers JetStream adds to a stored message it republishes: the stream's sequence of the
+# message, and the sequence of the message stored before it on the same subject (0: none).
+SEQUENCE_HEADER = "Nats-Sequence"
+LAST_SEQUENCE_HEADER = "Nats-Last-Sequence"
+
 _PLAIN = frozenset(string.ascii_letters + string.digits + "-_")
+# Until the stream is there (a cluster still electing its leaders), tried again this often.
+_HISTORY_RETRY = 2.0
+
+
+@dataclass(frozen=True)
+class History:
+    """Where and how long the bus keeps the rooms' messages (a JetStream stream).
+
+    Args:
+        max_age: seconds a message is kept.
+        max_bytes: bytes the stream holds at most; the oldest messages go first.
+        replicas: servers holding each message (1..5; 3 survives one server down).
+    """
+
+    max_age: float
+    max_bytes: int
+    replicas: int = 1
+
+
+@dataclass
+class _Member:
+    """How one member of a room is sent its messages."""
+
+    ids: bool
+    """Each message is preceded by a ``{"type": "message", "id": N}`` event."""
+    catching_up: list[tuple[int | None, bytes, bool]] | None = None
+    """While its history is replayed: the live messages held back (id, data, text)."""
+
+
+def _message_event(seq: int) -> bytes:
+    return json.dumps({"type": "message", "id": seq}).encode()
 # After this long without a word from the bus task, the stop goes on without it.
 _CLOSE_TIMEOUT = 2.0
 
@@ -88,6 +131,19 @@ def subject_token(name: str) -> str:
     return "".join(
         char if char in _PLAIN else "".join(f"~{byte:02X}" for byte in _utf8(char)) for char in name
     )
+
+
+def _is_text(headers: Mapping[str, str], data: bytes) -> bool:
+    """Whether a room message goes out as text: not marked binary, and valid UTF-8 (another
+    publisher may send any bytes; a text frame that is not UTF-8 would make every browser
+    in the room close with 1007)."""
+    if headers.get(TYPE_HEADER) == "binary":
+        return False
+    try:
+        data.decode()
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def _utf8(text: str) -> bytes:
@@ -109,6 +165,9 @@ class Room:
         self.subject = subject
         self.local: set[ServerConnection] = set()
         """The members in this process."""
+        self.last_id: int | None = None
+        """The id of the last stored message delivered here (None: none yet)."""
+        self._members: dict[ServerConnection, _Member] = {}
         self._rooms = rooms
         # instance -> (members there, monotonic time at which that count expires)
         self._remote: dict[str, tuple[int, float]] = {}
@@ -146,10 +205,21 @@ class Room:
             self._remote.pop(instance, None)
         return not known and count > 0
 
-    def _deliver(self, data: bytes, text: bool, source: str) -> None:
-        targets = [ws for ws in self.local if ws.state is State.OPEN]
-        broadcast(targets, data, text=text)
-        self._rooms._count_deliveries(source, len(targets))
+    def _deliver(self, data: bytes, text: bool, source: str, seq: int | None = None) -> None:
+        """Write a message to every open member; one whose history is being replayed has
+        it held back until the replay is done."""
+        plain: list[ServerConnection] = []
+        with_ids: list[ServerConnection] = []
+        for ws in self.local:
+            member = self._members.get(ws)
+            if member is not None and member.catching_up is not None:
+                member.catching_up.append((seq, data, text))
+            elif ws.state is State.OPEN:
+                (with_ids if member is not None and member.ids else plain).append(ws)
+        if seq is not None and with_ids:
+            broadcast(with_ids, _message_event(seq), text=False)
+        broadcast(plain + with_ids, data, text=text)
+        self._rooms._count_deliveries(source, len(plain) + len(with_ids))
 
 
 class Rooms:
@@ -161,6 +231,7 @@ class Rooms:
         bus_servers: URLs of the bus servers; none: the rooms stay in this process.
         bus_token: auth token for the bus server, or empty.
         prefix: first tokens of the rooms' subjects, ``<prefix>.room.<token>``.
+        history: keep the rooms' messages in the bus (None: at most once, no ids).
     """
 
     def __init__(
@@ -170,9 +241,15 @@ class Rooms:
         bus_servers: Sequence[str] = (),
         bus_token: str = "",
         prefix: str = "wsapp",
+        history: History | None = None,
     ) -> None:
         self.instance = instance
         self.prefix = prefix
+        self.history = history
+        self.stream = re.sub(r"[^A-Za-z0-9_-]", "_", prefix).upper() + "_ROOMS"
+        """The JetStream stream holding the rooms' history."""
+        self._history_ready = False
+        self._history_task: asyncio.Task[None] | None = None
         self._metrics = metrics
         self._rooms: dict[str, Room] = {}  # by subject
         # Rooms whose subscription or count the bus has not been told about yet.
@@ -182,6 +259,7 @@ class Rooms:
         self._bus: Bus | None = None
         # Without the server's metrics (in-process rooms outside a server), uncounted.
         self._bus_metrics = (metrics.bus if metrics else None) or BusMetrics(CollectorRegistry())
+        self._bus_metrics.history.set(0)
         if bus_servers:
             self._bus = Bus(
                 bus_servers, bus_token, instance, self._bus_metrics,
@@ -205,10 +283,11 @@ class Rooms:
         """Leave every room on the bus (announce 0 members) and disconnect from it."""
         if self._bus is None:
             return
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        for task in (self._task, self._history_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(self._leave_bus(self._bus), _CLOSE_TIMEOUT)
 
@@ -218,26 +297,46 @@ class Rooms:
         await bus.close()
 
     @contextlib.asynccontextmanager
-    async def _joined(self, name: str, ws: ServerConnection) -> AsyncIterator[Room]:
+    async def _joined(
+        self, name: str, ws: ServerConnection, since: int | None, ids: bool
+    ) -> AsyncIterator[Room]:
         room = self._enter(name, ws)
+        room._members[ws] = _Member(ids=ids)
         try:
+            if since is not None:
+                await self._resume(room, ws, since)
             yield room
         finally:
+            room._members.pop(ws, None)
             self._leave(room, ws)
 
-    def joined(self, name: str, ws: ServerConnection) -> AbstractAsyncContextManager[Room]:
+    def joined(
+        self, name: str, ws: ServerConnection, since: int | None = None, ids: bool = False
+    ) -> AbstractAsyncContextManager[Room]:
         """Make ``ws`` a member of room ``name`` for the duration of an ``async with``.
+
+        With ``since``, the id of the last message the client saw in this room, the member
+        first gets every later message the history still holds, in order, then the live
+        ones, none twice; then a ``{"type": "resumed", ...}`` event (binary frame of JSON)
+        says how many were restored and whether the history reached back to ``since``
+        (``"complete": false``: some may be missing). This is done when the ``async with``
+        is entered.
 
         Args:
             name: any string of at most :data:`MAX_NAME_BYTES` UTF-8 bytes.
             ws: the handler's connection.
+            since: the last message id the client saw (None: live messages only).
+            ids: precede each stored message with a ``{"type": "message", "id": N}`` event
+                (a binary frame of JSON): the id to come back with.
 
         Raises:
-            ValueError: when the name is too long.
+            ValueError: when the name is too long or ``since`` negative.
         """
         if len(_utf8(name)) > MAX_NAME_BYTES:
             raise ValueError(f"room name longer than {MAX_NAME_BYTES} bytes")
-        return self._joined(name, ws)
+        if since is not None and since < 0:
+            raise ValueError("since must be a message id, 0 or more")
+        return self._joined(name, ws, since, ids)
 
     def _enter(self, name: str, ws: ServerConnection) -> Room:
         subject = f"{self.prefix}.room.{subject_token(name)}"
@@ -264,20 +363,35 @@ class Rooms:
 
     # --- the bus ------------------------------------------------------------------------
 
+    def _history_subject(self, room: Room) -> str:
+        """Where the room's messages are stored; JetStream republishes them, with their
+        sequence, on the room's subject."""
+        return f"{self.prefix}.hist.{room.subject.rsplit('.', 1)[1]}"
+
     async def _broadcast(self, room: Room, message: str | bytes) -> None:
         text = isinstance(message, str)
         data = message.encode() if isinstance(message, str) else bytes(message)
+        headers = {} if text else {TYPE_HEADER: "binary"}
+        if self._bus is not None and self._history_ready:
+            # Stored first: every member, here too, gets it as the stream republishes it,
+            # in the stream's order and with its id.
+            seq = await self._bus.store(
+                self._history_subject(room), data, headers, msg_id=uuid.uuid4().hex
+            )
+            if seq is not None:
+                self._bus_metrics.messages.labels("out", "room").inc()
+                return
+        # At most once: the members here now, the others if the bus takes it.
         room._deliver(data, text, "local")
         if self._bus is None:
             return
-        headers = None if text else {TYPE_HEADER: "binary"}
-        dropped = await self._bus.publish(room.subject, data, headers)
+        dropped = await self._bus.publish(room.subject, data, headers or None)
         if dropped is None:
             self._bus_metrics.messages.labels("out", "room").inc()
         else:
             self._bus_metrics.dropped.labels(dropped).inc()
 
-    def _received(self, subject: str, headers: Mapping[str, str], data: bytes) -> None:
+    async def _received(self, subject: str, headers: Mapping[str, str], data: bytes) -> None:
         room = self._rooms.get(subject)
         if room is None:  # still in flight when this process left the room
             return
@@ -291,20 +405,135 @@ class Rooms:
                     self._mark(room)
             return
         self._bus_metrics.messages.labels("in", "room").inc()
-        text = headers.get(TYPE_HEADER) != "binary"
-        if text:
-            # Another publisher on the subject may send any bytes; a text frame that
-            # is not UTF-8 would make every browser in the room close (1007).
+        text = _is_text(headers, data)
+        try:
+            seq, last = int(headers[SEQUENCE_HEADER]), int(headers[LAST_SEQUENCE_HEADER])
+        except (KeyError, ValueError):
+            room._deliver(data, text, "bus")  # not stored: sent at most once
+            return
+        if room.last_id is not None:
+            if seq <= room.last_id:
+                return  # delivered already (from a gap's fill)
+            if last > room.last_id:
+                await self._fill_gap(room, until=seq)
+        room._deliver(data, text, "bus", seq)
+        room.last_id = seq
+
+    async def _fill_gap(self, room: Room, until: int) -> None:
+        """Deliver what this process missed of the room, from the history, up to ``until``."""
+        subject = self._history_subject(room)
+        last = room.last_id
+        assert last is not None
+        while (stored := await self._stored_after(subject, last)) is not None:
+            seq, data, text = stored
+            if seq >= until:
+                return
+            room._deliver(data, text, "bus", seq)
+            room.last_id = last = seq
+            self._bus_metrics.replayed.labels("gap").inc()
+
+    async def _stored_after(self, subject: str, seq: int) -> tuple[int, bytes, bool] | None:
+        """The first message stored on ``subject`` after ``seq``: its id, payload and
+        whether it is text; None when there is none (or the history cannot be read)."""
+        assert self._bus is not None
+        try:
+            stored = await self._bus.stored_after(self.stream, subject, seq)
+        except Exception as error:
+            logger.warning("history_unreadable", extra={"fields": {"error": str(error)}})
+            return None
+        if stored is None or stored.seq is None:
+            return None
+        data = stored.data or b""
+        return stored.seq, data, _is_text(stored.headers or {}, data)
+
+    async def _resume(self, room: Room, ws: ServerConnection, since: int) -> None:
+        """Replay to ``ws`` the room's messages after ``since``, then let the live ones on."""
+        member = room._members[ws]
+        member.catching_up = []
+        restored, complete, last = 0, False, since
+        try:
+            bus = self._bus
+            if bus is not None and self._history_ready:
+                # Subscribed (and the server knows it) before reading: a message stored
+                # meanwhile comes live too, and the ids sort the two out.
+                await bus.subscribe(room.subject)
+                await bus.flush()
+                complete = since == 0 or await self._still_stored(since, room)
+                subject = self._history_subject(room)
+                while (stored := await self._stored_after(subject, last)) is not None:
+                    seq, data, text = stored
+                    if member.ids:
+                        await ws.send(_message_event(seq))
+                    await ws.send(data, text=text)
+                    restored, last = restored + 1, seq
+                self._bus_metrics.replayed.labels("resume").inc(restored)
+                if room.last_id is None:
+                    room.last_id = last
+            # Each send may wait on the client: what arrives meanwhile joins the queue, so
+            # the member is let through to live delivery only once nothing is held.
+            held = member.catching_up
+            while held:
+                held_id, data, text = held.pop(0)
+                if held_id is None or held_id > last:
+                    if held_id is not None and member.ids:
+                        await ws.send(_message_event(held_id))
+                    await ws.send(data, text=text)
+            member.catching_up = None
+            event = {"type": "resumed", "since": since, "restored": restored,
+                     "complete": complete, "instance": self.instance}  # fmt: skip
+            await ws.send(json.dumps(event).encode())
+        except ConnectionClosed:
+            pass
+        finally:
+            member.catching_up = None
+
+    async def _still_stored(self, seq: int, room: Room) -> bool:
+        """Whether message ``seq`` of the room is still in the history: then so is every
+        later one (the oldest go first)."""
+        assert self._bus is not None
+        with contextlib.suppress(Exception):
+            stored = await self._bus.stored(self.stream, seq)
+            return stored is not None and stored.subject == self._history_subject(room)
+        return False
+
+    async def _keep_history(self) -> None:
+        """Have the stream as configured, trying again until the cluster can make it."""
+        assert self._bus is not None
+        assert self.history is not None
+        config = js_api.StreamConfig(
+            name=self.stream,
+            subjects=[f"{self.prefix}.hist.>"],
+            storage=js_api.StorageType.FILE,
+            num_replicas=self.history.replicas,
+            max_age=self.history.max_age,
+            max_bytes=self.history.max_bytes,
+            discard=js_api.DiscardPolicy.OLD,
+            duplicate_window=min(120.0, self.history.max_age),
+            allow_direct=True,
+            republish=js_api.RePublish(src=f"{self.prefix}.hist.>", dest=f"{self.prefix}.room.>"),
+        )
+        logged = False
+        while True:
             try:
-                data.decode()
-            except UnicodeDecodeError:
-                text = False
-        room._deliver(data, text, "bus")
+                await self._bus.ensure_stream(config)
+            except Exception as error:
+                if not logged:
+                    logger.warning("history_unavailable", extra={"fields": {"error": str(error)}})
+                    logged = True
+                await asyncio.sleep(_HISTORY_RETRY)
+                continue
+            self._history_ready = True
+            self._bus_metrics.history.set(1)
+            logger.info("history_ready", extra={"fields": {"stream": self.stream}})
+            return
 
     def _connected(self) -> None:
-        """(Re)connected: subscribe and announce every room now, not at the next beat."""
+        """(Re)connected: subscribe and announce every room now, not at the next beat;
+        make sure of the history's stream once."""
         self._pending.update(self._rooms)
         self._wake.set()
+        if self.history is not None and self._history_task is None:
+            self._history_task = asyncio.create_task(self._keep_history(), name="history")
 
     async def _announce(self, room: Room, count: int) -> None:
         assert self._bus is not None
@@ -383,6 +612,8 @@ def set_current(rooms: Rooms) -> None:
     _current = rooms
 
 
-def joined(name: str, ws: ServerConnection) -> AbstractAsyncContextManager[Room]:
-    """``current().joined(name, ws)``: see :meth:`Rooms.joined`."""
-    return current().joined(name, ws)
+def joined(
+    name: str, ws: ServerConnection, since: int | None = None, ids: bool = False
+) -> AbstractAsyncContextManager[Room]:
+    """``current().joined(name, ws, since, ids)``: see :meth:`Rooms.joined`."""
+    return current().joined(name, ws, since, ids)

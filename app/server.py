@@ -387,7 +387,12 @@ class Server:
                 bus_servers=settings.bus_url,
                 bus_token=settings.bus_token,
                 prefix=settings.bus_prefix,
-            )
+                history=rooms.History(
+                    max_age=settings.bus_history_max_age,
+                    max_bytes=settings.bus_history_max_bytes,
+                    replicas=settings.bus_history_replicas,
+                ) if settings.bus_history_max_age > 0 else None,
+            )  # fmt: skip
             rooms.set_current(self.rooms)
             self.rooms.start()
             bus = ",".join(redact(url) for url in settings.bus_url) or "none"

@@ -11,6 +11,7 @@ import queue
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -132,6 +133,12 @@ def wait_until(condition: Callable[[], Any], timeout: float, what: str) -> Any:
         time.sleep(0.05)
 
 
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
 def _nats_server_binary() -> str:
     found = shutil.which("nats-server") or shutil.which("nats-server", path="/usr/sbin")
     if found is None:
@@ -149,6 +156,7 @@ class NatsServer:
     client_port: int = 0
     cluster_port: int = 0
     monitor_port: int = 0
+    clustered: bool = True
 
     @property
     def url(self) -> str:
@@ -168,8 +176,8 @@ class NatsServer:
         with log:
             self.process = subprocess.Popen(
                 [_nats_server_binary(), "-a", "127.0.0.1", "-p", client, "-m", monitor,
-                 "--cluster", f"nats://127.0.0.1:{cluster}", "--ports_file_dir", self.directory,
-                 *self.args],
+                 *(["--cluster", f"nats://127.0.0.1:{cluster}"] if self.clustered else []),
+                 "--ports_file_dir", self.directory, *self.args],
                 stdout=log, stderr=subprocess.STDOUT,
             )  # fmt: skip
         process = self.process
@@ -186,7 +194,8 @@ class NatsServer:
 
         found = wait_until(listening, 10, f"nats-server listening ({ports_file})")
         self.client_port = int(found["nats"][0].rsplit(":", 1)[1])
-        self.cluster_port = int(found["cluster"][0].rsplit(":", 1)[1])
+        if self.clustered:
+            self.cluster_port = int(found["cluster"][0].rsplit(":", 1)[1])
         self.monitor_port = int(found["monitoring"][0].rsplit(":", 1)[1])
 
     def stop(self) -> None:
@@ -217,20 +226,32 @@ class NatsServer:
 
 @pytest.fixture
 def nats_cluster() -> Iterator[Callable[..., list[NatsServer]]]:
-    """A factory: ``nats_cluster(3, token="t")`` returns 3 clustered servers, routes up."""
+    """A factory: ``nats_cluster(3, token="t")`` returns 3 clustered servers, routes up
+    (``jetstream=True``: with JetStream, as the bus role configures it)."""
     started: list[NatsServer] = []
     directories: list[tempfile.TemporaryDirectory[str]] = []
 
-    def start(count: int, token: str = "") -> list[NatsServer]:
+    def start(count: int, token: str = "", jetstream: bool = False) -> list[NatsServer]:
         servers: list[NatsServer] = []
-        for _ in range(count):
+        # JetStream in a cluster wants every server's routes from the start (its own
+        # included, which it skips), as the bus role writes them: cluster ports chosen first.
+        # A lone JetStream server runs without a cluster, as the bus role has it on one host.
+        clustered = not (jetstream and count == 1)
+        cluster_ports = [_free_port() for _ in range(count)] if jetstream and clustered else []
+        for number in range(count):
             directory = tempfile.TemporaryDirectory(prefix="wsfleet-nats-")
             directories.append(directory)
-            routes = ",".join(server.cluster_url for server in servers)
-            args = ["--cluster_name", "wsfleet-test"]
+            known = [f"nats://127.0.0.1:{port}" for port in cluster_ports]
+            routes = ",".join(known or [server.cluster_url for server in servers])
+            args = ["--name", f"nats{number}"]
+            args += ["--cluster_name", "wsfleet-test"] if clustered else []
             args += ["--routes", routes] if routes else []
             args += ["--auth", token] if token else []
-            server = NatsServer(args, directory.name)
+            # JetStream, storing in the server's own folder, as each host's server does.
+            args += ["--jetstream", "--store_dir", directory.name] if jetstream else []
+            server = NatsServer(args, directory.name, clustered=clustered)
+            if cluster_ports:
+                server.cluster_port = cluster_ports[number]
             started.append(server)
             server.start()
             servers.append(server)

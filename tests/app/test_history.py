@@ -1,0 +1,198 @@
+"""Room history: real chat processes on a real 3-server NATS cluster with JetStream (R3), as
+the bus role deploys it. Messages get fleet-wide ids; a client that comes back with the last
+id it saw gets what it missed, in order, once, then the live stream."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from collections.abc import Callable
+from typing import Any
+
+from websockets.asyncio.client import ClientConnection, connect
+
+from tests.app.conftest import AppProcess, NatsServer
+from tests.app.test_rooms import CHAT, TOKEN, metric
+
+StartApp = Callable[..., AppProcess]
+NatsCluster = Callable[..., list[NatsServer]]
+
+
+def start_chat(
+    start_app: StartApp, server: NatsServer, max_age: float = 300, replicas: int = 3
+) -> AppProcess:
+    """A chat process on ``server`` keeping room history for ``max_age`` seconds."""
+    env = {"APP_BUS_URL": server.url, "APP_BUS_TOKEN": TOKEN,
+           "APP_BUS_HISTORY_MAX_AGE": str(max_age), "APP_BUS_HISTORY_REPLICAS": str(replicas)}
+    app = start_app(*CHAT, env=env)
+    app.wait_for_line(r"event=history_ready", timeout=20)
+    return app
+
+
+class Client:
+    """A chat client with ``?events=1`` that pairs each message with the id before it."""
+
+    def __init__(self, ws: ClientConnection) -> None:
+        self.ws = ws
+        self.received: list[tuple[int | None, str]] = []
+        self.resumed: dict[str, Any] | None = None
+        self._next_id: int | None = None
+        self._reader = asyncio.create_task(self._read())
+
+    @classmethod
+    async def join(cls, app: AppProcess, room: str, since: int | None = None) -> Client:
+        query = "events=1" + (f"&since={since}" if since is not None else "")
+        client = cls(await connect(f"{app.url}/ws/{room}?{query}"))
+        if since is not None:
+            await client.wait(lambda: client.resumed is not None, "the resumed event")
+        return client
+
+    async def _read(self) -> None:
+        with contextlib.suppress(Exception):
+            async for frame in self.ws:
+                if isinstance(frame, str):
+                    self.received.append((self._next_id, frame))
+                    self._next_id = None
+                    continue
+                event = json.loads(frame)
+                if event["type"] == "message":
+                    self._next_id = event["id"]
+                elif event["type"] == "resumed":
+                    self.resumed = event
+
+    async def wait(self, condition: Callable[[], bool], what: str, timeout: float = 10) -> None:
+        deadline = time.monotonic() + timeout
+        while not condition():
+            if time.monotonic() > deadline:
+                raise AssertionError(f"not within {timeout}s: {what}; got {self.received[-5:]}")
+            await asyncio.sleep(0.02)
+
+    @property
+    def last_id(self) -> int:
+        ids = [number for number, _ in self.received if number is not None]
+        assert ids, "no message with an id yet"
+        return ids[-1]
+
+    def texts(self) -> list[str]:
+        return [text for _, text in self.received]
+
+    async def close(self) -> None:
+        await self.ws.close()
+        await self._reader
+
+
+async def publish(app: AppProcess, room: str, texts: list[str], every: float = 0.0) -> None:
+    """Send ``texts`` into the room from a client of its own on ``app``."""
+    async with connect(f"{app.url}/ws/{room}") as ws:
+        # A member too: what it gets back is read, so that its close is not held up.
+        reader = asyncio.create_task(_read_all(ws))
+        for text in texts:
+            await ws.send(text)
+            await asyncio.sleep(every)
+        # The last one is stored (and republished) before this client leaves.
+        await asyncio.sleep(0.3)
+    await reader
+
+
+async def _read_all(ws: ClientConnection) -> None:
+    with contextlib.suppress(Exception):
+        async for _ in ws:
+            pass
+
+
+def test_a_client_back_with_its_last_id_misses_nothing_and_gets_nothing_twice(
+    start_app: StartApp, nats_cluster: NatsCluster
+) -> None:
+    """Away while 20 messages go by, back on another process while 40 more are sent: the
+    client gets all 60 in order, once each, and the ids are the same for every member."""
+    servers = nats_cluster(3, token=TOKEN, jetstream=True)
+    apps = [start_chat(start_app, server) for server in servers]
+
+    async def scenario() -> None:
+        watcher = await Client.join(apps[2], "seam")
+        leaver = await Client.join(apps[0], "seam")
+        first = [f"m{n}" for n in range(20)]
+        await publish(apps[1], "seam", first)
+        await leaver.wait(lambda: len(leaver.received) == 20, "the first 20")
+        assert leaver.texts() == first
+        seen = leaver.last_id
+        await leaver.close()
+
+        away = [f"m{n}" for n in range(20, 40)]
+        await publish(apps[1], "seam", away)
+        # Back on another process while the room goes on: the replay meets the live stream.
+        live = asyncio.create_task(publish(apps[1], "seam", [f"m{n}" for n in range(40, 80)], 0.01))
+        back = await Client.join(apps[2], "seam", since=seen)
+        await live
+        await back.wait(lambda: len(back.received) >= 60, "60 messages after the resume")
+        await asyncio.sleep(0.3)
+        assert back.texts() == [f"m{n}" for n in range(20, 80)]
+        assert back.resumed is not None
+        assert back.resumed["complete"] is True
+        assert back.resumed["restored"] >= 20
+        ids = [number for number, _ in back.received]
+        assert all(number is not None for number in ids)
+        assert ids == sorted(ids)
+        assert len(set(ids)) == len(ids)
+        # Every member sees each message under the same id.
+        await watcher.wait(lambda: len(watcher.received) == 80, "80 messages")
+        assert dict(watcher.received[20:]) == dict(back.received)
+        await asyncio.gather(watcher.close(), back.close())
+
+    asyncio.run(scenario())
+    assert metric(apps[2], 'wsapp_room_replayed_total{cause="resume"}') >= 20
+    assert metric(apps[2], "wsapp_bus_history") == 1
+
+
+def test_an_id_older_than_the_history_is_said_so(
+    start_app: StartApp, nats_cluster: NatsCluster
+) -> None:
+    """A client whose last id is no longer kept is told ``complete: false``; one that saw
+    nothing yet (since=0) gets what is kept."""
+    servers = nats_cluster(1, token=TOKEN, jetstream=True)
+    app = start_chat(start_app, servers[0], max_age=1, replicas=1)
+
+    async def scenario() -> None:
+        client = await Client.join(app, "short")
+        await publish(app, "short", ["old"])
+        await client.wait(lambda: len(client.received) == 1, "the old message")
+        seen = client.last_id
+        await client.close()
+        await asyncio.sleep(2.5)  # past max_age: the stream lets the message go
+        await publish(app, "short", ["new"])
+        back = await Client.join(app, "short", since=seen)
+        assert back.resumed is not None
+        assert back.resumed["complete"] is False
+        assert back.texts() == ["new"]
+        everything = await Client.join(app, "short", since=0)
+        assert everything.texts() == ["new"]
+        assert everything.resumed is not None
+        await asyncio.gather(back.close(), everything.close())
+
+    asyncio.run(scenario())
+
+
+def test_one_server_down_the_room_goes_on_and_nothing_stored_is_lost(
+    start_app: StartApp, nats_cluster: NatsCluster
+) -> None:
+    """With one of 3 servers killed, messages are still stored (R3) and a member of the
+    process on it, back on another process with its last id, misses nothing."""
+    servers = nats_cluster(3, token=TOKEN, jetstream=True)
+    apps = [start_chat(start_app, server) for server in servers]
+
+    async def scenario() -> None:
+        stranded = await Client.join(apps[0], "down")
+        await publish(apps[1], "down", ["a0", "a1"])
+        await stranded.wait(lambda: len(stranded.received) == 2, "two messages")
+        servers[0].kill()
+        await publish(apps[1], "down", [f"b{n}" for n in range(10)], 0.01)
+        back = await Client.join(apps[2], "down", since=stranded.last_id)
+        assert back.resumed is not None
+        assert back.resumed["complete"] is True
+        await back.wait(lambda: len(back.received) == 10, "the 10 sent meanwhile")
+        assert back.texts() == [f"b{n}" for n in range(10)]
+        await asyncio.gather(back.close(), stranded.close())
+
+    asyncio.run(scenario())
