@@ -20,8 +20,10 @@ first host only (``--limit``), 5 over every host:
 5. fan-out: one room of FANOUT_MEMBERS members through nginx+TLS, spread over the hosts
    and their N=2 processes, FANOUT_PUBLISHERS of them offering FANOUT_RATE messages/s in
    all (the chat handler): deliveries/s and the latency of a delivery to a member in the
-   sender's own process vs on another host; with the bus vs ``bus_enabled=false``, where
-   a message reaches only the members in the sender's process;
+   sender's own process vs on another host; with the bus and the rooms' history (the
+   default), with the bus alone (``bus_history_max_age=0``) and with ``bus_enabled=false``,
+   where a message reaches only the members in the sender's process; and the history's
+   disk and memory per 10,000 stored messages;
 6. capacity, on the first host: --capacity idle wss connections (50,000) with N=3 and
    CAPACITY_VARS, the clients spread over CAPACITY_WORKERS source addresses added to the
    bridge for the run (one address reaches one destination from about 28,000 ports):
@@ -590,7 +592,7 @@ def fan_out_plot(out: Path, runs: dict[str, tuple[FanOut, dict[str, float]]]) ->
             if not result.paths[path].latencies:
                 continue
             ordered = sorted(x * 1000 for x in result.paths[path].latencies)
-            style = "-" if name == "bus" else "--"
+            style = {"bus+history": "-", "bus": "-."}.get(name, "--")
             axis.plot(
                 ordered,
                 [i / len(ordered) for i in range(len(ordered))],
@@ -697,7 +699,7 @@ def fan_out_section(
         "|---|---|---|---|---|---" + "|---" * len(PATHS) + "|---|---|---|---|",
     ]
     for name, (r, server) in runs.items():
-        owed = r.expected(name == "bus")
+        owed = r.expected(name != "in-process")
         latency = "".join(
             f"| {r.paths[path].quantile(0.5):.2f}/{r.paths[path].quantile(0.99):.2f} "
             if r.paths[path].done
@@ -859,19 +861,63 @@ def listen_scenario(
     return [*md, ""]
 
 
+# Scenario 5's runs: name, bus_enabled, bus_history_max_age.
+VARIANTS = (("bus+history", True, 3600), ("bus", True, 0), ("in-process", False, 0))
+JSZ = "curl -s 127.0.0.1:8222/jsz; echo; curl -s 127.0.0.1:8222/varz"
+
+
+def jetstream_usage(hosts: Sequence[localfleet.FleetHost]) -> dict[str, float]:
+    """Messages and bytes JetStream holds, and nats-server's RSS (KiB), summed over hosts."""
+    usage = {"messages": 0.0, "storage": 0.0, "rss": 0.0}
+    for host in hosts:
+        jsz, varz = host.ssh(JSZ).stdout.split("\n", 1)
+        usage["messages"] += json.loads(jsz).get("messages", 0)
+        usage["storage"] += json.loads(jsz).get("storage", 0)
+        usage["rss"] += json.loads(varz)["mem"] / 1024
+    return usage
+
+
+def history_footprint(stored: dict[str, dict[str, float]]) -> dict[str, float]:
+    """KiB of disk and of nats-server memory per 10,000 stored messages and host copy: the
+    history run against the run without (the same traffic, nothing stored)."""
+    kept = stored["bus+history"]
+    copies = max(kept["messages"], 1) / 10_000
+    return {
+        "disk": kept["storage"] / 1024 / copies,
+        "memory": (kept["rss"] - stored["bus"]["rss"]) / copies,
+    }
+
+
 def fan_out_scenario(
     hosts: Sequence[localfleet.FleetHost], ca: Path, args: argparse.Namespace, ratios: list[str]
 ) -> list[str]:
     """Scenario 5 on every host, with the bus and without; its report section."""
     runs = {}
+    stored: dict[str, dict[str, float]] = {}
     chat = [*args.set, "app_handler=app.handlers:chat"]
-    for name, enabled in (("bus", True), ("in-process", False)):
-        took = deploy(FANOUT_INSTANCES, [*chat, f"bus_enabled={str(enabled).lower()}"])
-        print(
-            f"deploy N={FANOUT_INSTANCES}, chat, bus_enabled={enabled} to every host: {took:.0f} s"
-        )
+    for name, enabled, max_age in VARIANTS:
+        settings = [f"bus_enabled={str(enabled).lower()}", f"bus_history_max_age={max_age}"]
+        took = deploy(FANOUT_INSTANCES, [*chat, *settings])
+        print(f"deploy N={FANOUT_INSTANCES}, chat, {' '.join(settings)}: {took:.0f} s")
         runs[name] = fan_out_run(hosts, ca, args.seconds, enabled)
-    bus, local = runs["bus"][0], runs["in-process"][0]
+        if enabled:
+            stored[name] = jetstream_usage(hosts)
+    history, bus, local = runs["bus+history"][0], runs["bus"][0], runs["in-process"][0]
+    per_10k = history_footprint(stored)
+    line = (
+        f"history footprint per 10,000 stored {FANOUT_SIZE} B messages (each host's copy): "
+        f"disk {per_10k['disk']:.0f} KiB, nats-server memory {per_10k['memory']:.0f} KiB"
+    )
+    print(line)
+    ratios.append(line)
+    for quantile in (0.5, 0.99):
+        for path in ("same process", "cross-host"):
+            ratio(
+                ratios,
+                f"fan-out latency p{quantile * 100:g} {path} history/no history",
+                history.paths[path].quantile(quantile) / bus.paths[path].quantile(quantile),
+            )
+    ratio(ratios, "fan-out deliveries/s history/no history", history.rate / (bus.rate or math.nan))
     ratio(
         ratios,
         "fan-out latency p50 cross-host/same-process",

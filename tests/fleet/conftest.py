@@ -25,14 +25,19 @@ from localfleet.image import MIX
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Mark every test under tests/fleet as a fleet test; the fleet's own tests go first.
+    """Mark every test under tests/fleet as a fleet test. The tests that need no fleet go
+    first (a fleet that fails to come up stops the session), then the fleet's own tests:
+    those reboot a host, so they run before anything is deployed on it."""
 
-    Those reboot a host, so they run before anything is deployed on it.
-    """
+    def rank(item: pytest.Item) -> int:
+        if "/tests/fleet/" not in str(item.path):
+            return 0
+        return 1 if item.path.name == "test_fleet.py" else 2
+
     for item in items:
-        if "/tests/fleet/" in str(item.path):
+        if rank(item):
             item.add_marker(pytest.mark.fleet)
-    items.sort(key=lambda item: item.path.name != "test_fleet.py")
+    items.sort(key=rank)
 
 
 KEEP = os.environ.get("WSFLEET_KEEP") == "1"

@@ -80,12 +80,26 @@ def test_nats_accepts_the_cluster_config(tmp_path: Path) -> None:
     assert "verify: true" in config
 
 
-def test_one_host_has_no_routes(tmp_path: Path) -> None:
-    """A fleet of one host: a cluster listener, and no route to dial."""
+def test_jetstream_keeps_the_history_within_set_limits(tmp_path: Path) -> None:
+    """JetStream on, in its state folder, with the disk and memory ceilings set (unset they
+    are 75 % of what is free)."""
+    tls_files(tmp_path)
+    config = render("etc/nats-server.conf.j2", bus_vars(bus_jetstream_max_file_store=123456789))
+    jetstream = config.split("jetstream {", 1)[1].split("}", 1)[0]
+    assert 'store_dir: "/var/lib/nats-server"' in jetstream
+    assert "max_file_store: 123456789\n" in jetstream
+    assert "max_memory_store: 67108864\n" in jetstream
+
+
+def test_one_host_has_no_cluster(tmp_path: Path) -> None:
+    """A fleet of one host: JetStream alone, no cluster block (a JetStream cluster without
+    routes refuses to start) and no route to dial."""
     tls_files(tmp_path)
     config = render("etc/nats-server.conf.j2", bus_vars(peers={}))
     assert nats_check(config, tmp_path).returncode == 0
     assert "nats-route://" not in config
+    assert "cluster {" not in config
+    assert "jetstream {" in config
 
 
 def test_nats_rejects_a_broken_config(tmp_path: Path) -> None:

@@ -1,0 +1,199 @@
+"""A chat room's traffic on the live fleet, as its users' browsers make it: members on every
+host that come back with the last message id they saw whenever their connection closes,
+and a publisher on each host sending numbered messages. What every member received is
+then compared with the room's one order (the ids)."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import random
+import ssl
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+from websockets.asyncio.client import ClientConnection
+from websockets.exceptions import ConnectionClosed
+
+from localfleet.demo import ca_file
+from localfleet.load import Tally, client_context, in_background, open_counted
+
+__all__ = ["RoomTraffic", "assert_nothing_lost", "room_traffic"]
+
+MEMBERS_PER_HOST = 8
+PUBLISH_EVERY = 0.05  # 20 messages a second per publisher, one publisher per host
+RECONNECT_CODES = {1001, 1012}
+
+
+@dataclass
+class Member:
+    """One member: what it received, in order, with the id each message came with."""
+
+    received: list[tuple[int | None, str]] = field(default_factory=list)
+    closes: Counter[int] = field(default_factory=Counter)
+    resumed: list[dict[str, object]] = field(default_factory=list)
+
+    @property
+    def last_id(self) -> int | None:
+        return next((n for n, _ in reversed(self.received) if n is not None), None)
+
+
+@dataclass
+class RoomTraffic:
+    """What the room's clients saw."""
+
+    members: list[Member] = field(default_factory=list)
+    handshakes: Tally = field(default_factory=Tally)
+    sent: int = 0
+
+
+async def _member(
+    address: str, room: str, context: ssl.SSLContext | None, member: Member,
+    traffic: RoomTraffic, stop: asyncio.Event,
+) -> None:  # fmt: skip
+    """Stay in the room; after a 1001/1012 close, come back at once with the last id seen."""
+    while not stop.is_set():
+        since = member.last_id
+        query = "events=1" + (f"&since={since}" if since is not None else "")
+        ws = await open_counted(f"wss://{address}/ws/{room}?{query}", context,
+                                traffic.handshakes, address, open_timeout=10)  # fmt: skip
+        if ws is None:
+            await asyncio.sleep(0.5)
+            continue
+        await _read(ws, member, stop)
+        # As the chat page does: spread over a second, not all at once.
+        await asyncio.sleep(random.uniform(0, 1))  # noqa: S311 (not a secret)
+
+
+async def _read(ws: ClientConnection, member: Member, stop: asyncio.Event) -> None:
+    """Read until the connection closes (or the traffic stops), noting how it closed."""
+    closer = asyncio.create_task(_close_when(ws, stop))
+    next_id: int | None = None
+    try:
+        async for frame in ws:
+            if isinstance(frame, str):
+                member.received.append((next_id, frame))
+                next_id = None
+                continue
+            event = json.loads(frame)
+            if event["type"] == "message":
+                next_id = event["id"]
+            elif event["type"] == "resumed":
+                member.resumed.append(event)
+    except ConnectionClosed:
+        pass
+    finally:
+        closer.cancel()
+    if not stop.is_set() and ws.close_code is not None:
+        member.closes[ws.close_code] += 1
+
+
+async def _close_when(ws: ClientConnection, stop: asyncio.Event) -> None:
+    await stop.wait()
+    await ws.close()
+
+
+async def _drain(ws: ClientConnection) -> None:
+    """Read and drop what comes (a publisher is a member too), so its close is not held up."""
+    try:
+        async for _ in ws:
+            pass
+    except ConnectionClosed:
+        pass
+
+
+async def _publisher(
+    address: str, room: str, name: str, context: ssl.SSLContext | None,
+    traffic: RoomTraffic, stop: asyncio.Event,
+) -> None:  # fmt: skip
+    """Send ``<name>-<n>`` every PUBLISH_EVERY seconds, reconnecting after a close."""
+    counter = itertools.count()
+    while not stop.is_set():
+        ws = await open_counted(f"wss://{address}/ws/{room}", context, traffic.handshakes,
+                                address, open_timeout=10)  # fmt: skip
+        if ws is None:
+            await asyncio.sleep(0.5)
+            continue
+        drain = asyncio.ensure_future(_drain(ws))
+        try:
+            while not stop.is_set():
+                await ws.send(f"{name}-{next(counter)}")
+                traffic.sent += 1
+                await asyncio.sleep(PUBLISH_EVERY)
+        except ConnectionClosed:
+            pass
+        finally:
+            if stop.is_set():
+                await ws.close()
+            await drain
+        await asyncio.sleep(random.uniform(0, 1))  # noqa: S311 (not a secret)
+
+
+@contextmanager
+def room_traffic(addresses: list[str], room: str) -> Iterator[RoomTraffic]:
+    """Members on every address and a publisher on each, for the ``with`` block; a few
+    seconds of quiet traffic at the end let every member catch up."""
+    traffic = RoomTraffic(members=[Member() for _ in range(MEMBERS_PER_HOST * len(addresses))])
+
+    async def scenario(stopping: asyncio.Event, ready: threading.Event) -> None:
+        context = client_context(ca_file())
+        members = [
+            asyncio.create_task(
+                _member(addresses[n % len(addresses)], room, context, member, traffic, stopping)
+            )
+            for n, member in enumerate(traffic.members)
+        ]
+        while traffic.handshakes.done < len(members):  # noqa: ASYNC110 - a count, not an event
+            await asyncio.sleep(0.1)
+        publishers = [
+            asyncio.create_task(_publisher(address, room, f"p{n}", context, traffic, stopping))
+            for n, address in enumerate(addresses)
+        ]
+        ready.set()
+        await stopping.wait()
+        await asyncio.gather(*members, *publishers)
+
+    with in_background(scenario, not_ready=lambda: str(traffic.handshakes.failures[:3])):
+        yield traffic
+        time.sleep(3)
+
+
+def assert_nothing_lost(traffic: RoomTraffic) -> dict[str, object]:
+    """Every member got the room's every message once, in the one order; 0 failed
+    handshakes; only 1001/1012 closes. Returns the figures."""
+    order: dict[int, str] = {}
+    for member in traffic.members:
+        for number, text in member.received:
+            assert number is not None, f"a message without an id: {text}"
+            assert order.setdefault(number, text) == text, f"id {number} is two messages"
+    reference = [order[number] for number in sorted(order)]
+    missed = duplicated = disordered = 0
+    for member in traffic.members:
+        texts = [text for _, text in member.received]
+        ids = [number for number, _ in member.received]
+        duplicated += len(texts) - len(set(texts))
+        disordered += sum(1 for a, b in itertools.pairwise(ids) if a and b and b <= a)
+        missed += len(set(reference) - set(texts))
+    closes = Counter[int]()
+    for member in traffic.members:
+        closes.update(member.closes)
+    figures = {
+        "published": len(reference), "sent": traffic.sent, "missed": missed,
+        "duplicated": duplicated, "out_of_order": disordered,
+        "failed_handshakes": len(traffic.handshakes.failures), "closes": dict(closes),
+        "max_closes_per_member": max(sum(m.closes.values()) for m in traffic.members),
+        "restored": sum(int(str(e["restored"])) for m in traffic.members for e in m.resumed),
+        "incomplete": sum(1 for m in traffic.members for e in m.resumed if not e["complete"]),
+    }
+    print(f"\nroom traffic: {figures}")
+    assert traffic.handshakes.failures == []
+    assert set(closes) <= RECONNECT_CODES, closes
+    assert (missed, duplicated, disordered) == (0, 0, 0), figures
+    assert figures["incomplete"] == 0, figures
+    assert len(reference) > 0
+    return figures
