@@ -16,7 +16,7 @@ import math
 import random
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import nats.errors
@@ -59,12 +59,18 @@ _CONNECTION_ERRORS = (
 )
 
 
-# A stored publish waits this long for the stream's acknowledgement, and is tried once
-# more with the same Nats-Msg-Id (stored once, whichever attempt got through).
+# Each request to the stream waits this long for an answer; it is tried again (a publish
+# with the same Nats-Msg-Id: stored once, whichever attempt got through) until STORE_DEADLINE,
+# which outlasts a stream leader's election (NATS's raft elects within 4-9 s) and a host's
+# server restarting.
 _STORE_TIMEOUT = 2.0
-_STORE_TRIES = 2
+_STORE_RETRY_WAIT = 0.2
+STORE_DEADLINE = 12.0
+"""Seconds a stored publish (or a read of the history) keeps trying before it gives up."""
 # JetStream's error code for a stream that exists with another configuration.
 _STREAM_NAME_IN_USE = 10058
+
+T = TypeVar("T")
 
 StoredMessage = js_api.RawStreamMsg
 """A message read back from a stream: ``seq``, ``subject``, ``headers``, ``data``."""
@@ -305,40 +311,86 @@ class Bus:
         self, subject: str, payload: bytes, headers: Mapping[str, str], msg_id: str
     ) -> int | None:
         """Publish into the stream and wait until it is stored (replicated, when the stream
-        is); the stream's sequence, or None when it could not be stored in time.
+        is); the stream's sequence, or None when it could not be stored within
+        :data:`STORE_DEADLINE` (or is over the server's ``max_payload``).
 
-        A retry carries the same ``Nats-Msg-Id``: the stream keeps the message once.
+        Tried again while the connection is down or the stream has no leader; every try
+        carries the same ``Nats-Msg-Id``, so the stream keeps the message once.
         """
-        if not self.connected:
-            return None
         size = len(payload) + _headers_size({**headers, "Nats-Msg-Id": msg_id})
-        if size > self._client.max_payload:
+        if self.connected and size > self._client.max_payload:
             return None
-        jetstream = self._client.jetstream(timeout=_STORE_TIMEOUT)
-        for _ in range(_STORE_TRIES):
-            try:
-                ack = await jetstream.publish(
-                    subject, payload, headers={**headers, "Nats-Msg-Id": msg_id}
-                )
-            except (nats.errors.Error, TimeoutError):
-                continue
-            return ack.seq
+        headers = {**headers, "Nats-Msg-Id": msg_id}
+
+        async def publish() -> int:
+            jetstream = self._client.jetstream(timeout=_STORE_TIMEOUT)
+            return (await jetstream.publish(subject, payload, headers=headers)).seq
+
+        return await self._retrying(publish)
+
+    async def _retrying(self, request: Callable[[], Awaitable[T]]) -> T | None:
+        """``request()`` until it answers, while within :data:`STORE_DEADLINE`; None after."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + STORE_DEADLINE
+        while loop.time() < deadline:
+            if self.connected:
+                try:
+                    return await request()
+                except NotFoundError:
+                    raise
+                except (nats.errors.Error, TimeoutError):
+                    pass
+            await asyncio.sleep(_STORE_RETRY_WAIT)
         return None
 
     async def stored(self, stream: str, seq: int) -> StoredMessage | None:
-        """The stream's message ``seq``, or None once it is gone (or never was)."""
-        try:
+        """The stream's message ``seq``, or None once it is gone (or never was).
+
+        Raises:
+            TimeoutError: the stream did not answer within :data:`STORE_DEADLINE`.
+        """
+
+        async def get() -> StoredMessage:
             return await self._client.jetstream(timeout=_STORE_TIMEOUT).get_msg(stream, seq=seq)
+
+        return await self._read(get)
+
+    async def _read(self, request: Callable[[], Awaitable[StoredMessage]]) -> StoredMessage | None:
+        try:
+            found = await self._retrying(request)
         except NotFoundError:
             return None
+        if found is None:
+            raise TimeoutError("the history did not answer")
+        return found
+
+    async def last_stored(self, stream: str, subject: str) -> int:
+        """The sequence of the last message stored on ``subject``; 0 when there is none.
+
+        Raises:
+            TimeoutError: the stream did not answer within :data:`STORE_DEADLINE`.
+        """
+
+        async def get() -> StoredMessage:
+            return await self._client.jetstream(timeout=_STORE_TIMEOUT).get_last_msg(
+                stream, subject
+            )
+
+        found = await self._read(get)
+        return (found.seq or 0) if found else 0
 
     async def stored_after(self, stream: str, subject: str, seq: int) -> StoredMessage | None:
-        """The first message on ``subject`` stored after ``seq``, or None when there is none."""
-        jetstream = self._client.jetstream(timeout=_STORE_TIMEOUT)
-        try:
+        """The first message on ``subject`` stored after ``seq``, or None when there is none.
+
+        Raises:
+            TimeoutError: the stream did not answer within :data:`STORE_DEADLINE`.
+        """
+
+        async def get() -> StoredMessage:
+            jetstream = self._client.jetstream(timeout=_STORE_TIMEOUT)
             return await jetstream.get_msg(stream, seq=seq + 1, subject=subject, next=True)
-        except NotFoundError:
-            return None
+
+        return await self._read(get)
 
     async def close(self) -> None:
         """Send what is buffered and disconnect; no further attempts."""

@@ -87,6 +87,9 @@ LAST_SEQUENCE_HEADER = "Nats-Last-Sequence"
 _PLAIN = frozenset(string.ascii_letters + string.digits + "-_")
 # Until the stream is there (a cluster still electing its leaders), tried again this often.
 _HISTORY_RETRY = 2.0
+REPUBLISH_WAIT = 1.0
+"""Seconds a sender's process waits for the stream to republish its stored message to it
+before reading it back from the history (its server's route to the stream's leader down)."""
 
 
 @dataclass(frozen=True)
@@ -166,8 +169,13 @@ class Room:
         self.local: set[ServerConnection] = set()
         """The members in this process."""
         self.last_id: int | None = None
-        """The id of the last stored message delivered here (None: none yet)."""
+        """The id of the last stored message delivered here (None: no starting point yet)."""
         self._members: dict[ServerConnection, _Member] = {}
+        # Stored messages are delivered one at a time, in id order, whichever way they
+        # come (republished live, read back to fill a gap); each delivery wakes whoever
+        # waits for an id to be reached.
+        self._order = asyncio.Lock()
+        self._advanced = asyncio.Event()
         self._rooms = rooms
         # instance -> (members there, monotonic time at which that count expires)
         self._remote: dict[str, tuple[int, float]] = {}
@@ -204,6 +212,10 @@ class Room:
         else:
             self._remote.pop(instance, None)
         return not known and count > 0
+
+    def _reached(self, seq: int) -> None:
+        self.last_id = seq
+        self._advanced.set()
 
     def _deliver(self, data: bytes, text: bool, source: str, seq: int | None = None) -> None:
         """Write a message to every open member; one whose history is being replayed has
@@ -303,6 +315,7 @@ class Rooms:
         room = self._enter(name, ws)
         room._members[ws] = _Member(ids=ids)
         try:
+            await self._anchor(room)
             if since is not None:
                 await self._resume(room, ws, since)
             yield room
@@ -375,11 +388,13 @@ class Rooms:
         if self._bus is not None and self._history_ready:
             # Stored first: every member, here too, gets it as the stream republishes it,
             # in the stream's order and with its id.
+            await self._anchor(room)
             seq = await self._bus.store(
                 self._history_subject(room), data, headers, msg_id=uuid.uuid4().hex
             )
             if seq is not None:
                 self._bus_metrics.messages.labels("out", "room").inc()
+                await self._delivered_here(room, seq)
                 return
         # At most once: the members here now, the others if the bus takes it.
         room._deliver(data, text, "local")
@@ -411,13 +426,52 @@ class Rooms:
         except (KeyError, ValueError):
             room._deliver(data, text, "bus")  # not stored: sent at most once
             return
-        if room.last_id is not None:
-            if seq <= room.last_id:
-                return  # delivered already (from a gap's fill)
-            if last > room.last_id:
-                await self._fill_gap(room, until=seq)
-        room._deliver(data, text, "bus", seq)
-        room.last_id = seq
+        async with room._order:
+            if room.last_id is not None:
+                if seq <= room.last_id:
+                    return  # delivered already (from a gap's fill)
+                if last > room.last_id:
+                    await self._fill_gap(room, until=seq)
+            room._deliver(data, text, "bus", seq)
+            room._reached(seq)
+
+    async def _anchor(self, room: Room) -> None:
+        """Give a room new to this process its starting point in the history: subscribed
+        (and the server knows it), then the id of the room's last stored message. Every
+        later one then reaches its members here, live or read back."""
+        bus = self._bus
+        if bus is None or not self._history_ready or room.last_id is not None:
+            return
+        async with room._order:
+            if room.last_id is not None:
+                return
+            await bus.subscribe(room.subject)
+            if not await bus.flush():
+                return
+            try:
+                last = await bus.last_stored(self.stream, self._history_subject(room))
+            except Exception as error:
+                logger.warning("history_unreadable", extra={"fields": {"error": str(error)}})
+                return
+            if room.last_id is None:
+                room._reached(last)
+
+    async def _delivered_here(self, room: Room, seq: int) -> None:
+        """Wait until the stored message ``seq`` reached this process's members; when the
+        stream's republished copy is late (a route down), read it back from the history."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + REPUBLISH_WAIT
+        while room.last_id is None or room.last_id < seq:
+            left = deadline - loop.time()
+            if left <= 0:
+                async with room._order:
+                    if room.last_id is None:
+                        room.last_id = seq - 1  # nothing to deliver before it here
+                    await self._fill_gap(room, until=seq + 1)
+                return
+            room._advanced.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(room._advanced.wait(), left)
 
     async def _fill_gap(self, room: Room, until: int) -> None:
         """Deliver what this process missed of the room, from the history, up to ``until``."""
@@ -429,7 +483,8 @@ class Rooms:
             if seq >= until:
                 return
             room._deliver(data, text, "bus", seq)
-            room.last_id = last = seq
+            room._reached(seq)
+            last = seq
             self._bus_metrics.replayed.labels("gap").inc()
 
     async def _stored_after(self, subject: str, seq: int) -> tuple[int, bytes, bool] | None:
@@ -467,8 +522,6 @@ class Rooms:
                     await ws.send(data, text=text)
                     restored, last = restored + 1, seq
                 self._bus_metrics.replayed.labels("resume").inc(restored)
-                if room.last_id is None:
-                    room.last_id = last
             # Each send may wait on the client: what arrives meanwhile joins the queue, so
             # the member is let through to live delivery only once nothing is held.
             held = member.catching_up

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -36,17 +37,16 @@ def rolled_out(fleet: localfleet.Fleet, deployed: object) -> Iterator[RolledOut]
 
     The load spans every host, so both Debian releases of the mixed fleet. Meanwhile a chat
     room has members on every host (coming back with the last id they saw), a publisher on
-    each, and faults a rollout must ride out: an instance SIGKILLed on the last host and
-    the bus server SIGKILLed on the Debian 12 host (its JetStream catching up from the
-    Debian 13 servers), both early in the run."""
+    each, and the bus server of the Debian 12 host is SIGKILLed early in the run (systemd
+    starts it again; its JetStream catches up from the Debian 13 servers)."""
     assert {h.release for h in fleet.app_servers} == set(RELEASES)
     addresses = [h.address for h in fleet.app_servers]
     bookworm = next(h for h in fleet.app_servers if h.release == "bookworm")
     with load_on(addresses) as load, room_traffic(addresses, "history") as traffic:
-        faults = threading.Timer(5, inject_faults, (fleet.app_servers[-1], bookworm))
-        faults.start()
+        fault = threading.Timer(5, kill_unit, (bookworm, "nats-server.service"))
+        fault.start()
         result = ansible_playbook("playbooks/rollout.yml", "-e", "app_version=2.0.0")
-        faults.join()
+        fault.join()
     print(f"\nrollout under load: {summary(load)}")
     assert_no_failures(load)
     assert load.closes, "no instance restarted"
@@ -56,10 +56,9 @@ def rolled_out(fleet: localfleet.Fleet, deployed: object) -> Iterator[RolledOut]
         ansible_playbook("site.yml")
 
 
-def inject_faults(instance_host: localfleet.FleetHost, bus_host: localfleet.FleetHost) -> None:
-    """SIGKILL one app instance and one bus server; systemd starts both again."""
-    instance_host.ssh("systemctl kill --signal=SIGKILL wsapp@8002.service")
-    bus_host.ssh("systemctl kill --signal=SIGKILL nats-server.service")
+def kill_unit(host: localfleet.FleetHost, unit: str) -> None:
+    """SIGKILL a unit's processes, as a crash would; systemd starts it again."""
+    host.ssh(f"systemctl kill --signal=SIGKILL {unit}")
 
 
 def test_rollout_reaches_every_instance_and_summarises(
@@ -74,10 +73,40 @@ def test_rollout_reaches_every_instance_and_summarises(
 
 def test_no_room_message_is_lost_across_the_rollout(rolled_out: RolledOut) -> None:
     """24 members of one room on every host and instance, a publisher on each host, through
-    the rollout, a killed instance and a killed bus server: every member got every message
-    once, in the room's order, coming back with the last id it saw (figures printed)."""
+    the rollout and a killed bus server: every member got every message once, in the room's
+    order, coming back with the last id it saw (figures printed)."""
     assert rolled_out.room["missed"] == 0
     assert rolled_out.room["restored"], "no member had anything to restore: no reconnect?"
+
+
+def test_a_killed_instance_costs_its_members_no_message(
+    fleet: localfleet.Fleet, rolled_out: RolledOut
+) -> None:
+    """An instance SIGKILLed under the room's traffic: its members are cut (1006), come back
+    on another instance with their last id and miss nothing; systemd restarts it."""
+    host = fleet.app_servers[-1]
+    pid = host.ssh("systemctl show -p MainPID --value wsapp@8002.service").stdout.strip()
+    with room_traffic([h.address for h in fleet.app_servers], "killed") as traffic:
+        time.sleep(3)
+        kill_unit(host, "wsapp@8002.service")
+        wait_until_active(host, "wsapp@8002.service", other_than=pid)
+        time.sleep(3)
+    figures = assert_nothing_lost(traffic, frozenset({1001, 1012, 1006}))
+    closes = figures["closes"]
+    assert isinstance(closes, dict)
+    assert closes.get(1006), "no member was on the killed instance"
+
+
+def wait_until_active(host: localfleet.FleetHost, unit: str, other_than: str) -> None:
+    """Wait until ``unit`` runs again, under a main PID other than ``other_than``."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        pid = host.ssh(f"systemctl show -p MainPID --value {unit}").stdout.strip()
+        active = host.ssh(f"systemctl is-active {unit}").stdout.strip()
+        if active == "active" and pid not in ("0", other_than):
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"{unit} on {host.name} not running again within 30 s")
 
 
 def test_a_room_spans_the_fleet_after_the_rollout(
