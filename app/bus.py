@@ -66,7 +66,12 @@ _CONNECTION_ERRORS = (
 _STORE_TIMEOUT = 2.0
 _STORE_RETRY_WAIT = 0.2
 STORE_DEADLINE = 12.0
-"""Seconds a stored publish (or a read of the history) keeps trying before it gives up."""
+"""Seconds a stored publish keeps trying before it gives up (the sender then falls back to
+at most once)."""
+READ_DEADLINE = 30.0
+"""Seconds a read of the history keeps trying: a client being given what it missed waits,
+rather than be told its history is incomplete, while the host's server restarts and
+its JetStream catches up."""
 # JetStream's error code for a stream that exists with another configuration.
 _STREAM_NAME_IN_USE = 10058
 
@@ -328,10 +333,12 @@ class Bus:
 
         return await self._retrying(publish)
 
-    async def _retrying(self, request: Callable[[], Awaitable[T]]) -> T | None:
-        """``request()`` until it answers, while within :data:`STORE_DEADLINE`; None after."""
+    async def _retrying(
+        self, request: Callable[[], Awaitable[T]], within: float = STORE_DEADLINE
+    ) -> T | None:
+        """``request()`` until it answers, for ``within`` seconds at most; None after."""
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + STORE_DEADLINE
+        deadline = loop.time() + within
         while loop.time() < deadline:
             if self.connected:
                 try:
@@ -347,7 +354,7 @@ class Bus:
         """The stream's message ``seq``, or None once it is gone (or never was).
 
         Raises:
-            TimeoutError: the stream did not answer within :data:`STORE_DEADLINE`.
+            TimeoutError: the stream did not answer within :data:`READ_DEADLINE`.
         """
 
         async def get() -> StoredMessage:
@@ -357,7 +364,7 @@ class Bus:
 
     async def _read(self, request: Callable[[], Awaitable[StoredMessage]]) -> StoredMessage | None:
         try:
-            found = await self._retrying(request)
+            found = await self._retrying(request, READ_DEADLINE)
         except NotFoundError:
             return None
         if found is None:
@@ -368,7 +375,7 @@ class Bus:
         """The sequence of the last message stored on ``subject``; 0 when there is none.
 
         Raises:
-            TimeoutError: the stream did not answer within :data:`STORE_DEADLINE`.
+            TimeoutError: the stream did not answer within :data:`READ_DEADLINE`.
         """
 
         async def get() -> StoredMessage:
@@ -383,7 +390,7 @@ class Bus:
         """The first message on ``subject`` stored after ``seq``, or None when there is none.
 
         Raises:
-            TimeoutError: the stream did not answer within :data:`STORE_DEADLINE`.
+            TimeoutError: the stream did not answer within :data:`READ_DEADLINE`.
         """
 
         async def get() -> StoredMessage:

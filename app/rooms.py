@@ -50,7 +50,7 @@ from websockets.asyncio.server import ServerConnection, broadcast
 from websockets.exceptions import ConnectionClosed
 from websockets.protocol import State
 
-from app.bus import Bus
+from app.bus import READ_DEADLINE, STORE_DEADLINE, Bus
 from app.metrics import BusMetrics, Metrics
 
 __all__ = [
@@ -261,6 +261,8 @@ class Rooms:
         self.stream = re.sub(r"[^A-Za-z0-9_-]", "_", prefix).upper() + "_ROOMS"
         """The JetStream stream holding the rooms' history."""
         self._history_ready = False
+        self._history_set_up = asyncio.Event()
+        self._history_overdue = False
         self._history_task: asyncio.Task[None] | None = None
         self._metrics = metrics
         self._rooms: dict[str, Room] = {}  # by subject
@@ -385,7 +387,7 @@ class Rooms:
         text = isinstance(message, str)
         data = message.encode() if isinstance(message, str) else bytes(message)
         headers = {} if text else {TYPE_HEADER: "binary"}
-        if self._bus is not None and self._history_ready:
+        if self._bus is not None and await self._history_within(STORE_DEADLINE):
             # Stored first: every member, here too, gets it as the stream republishes it,
             # in the stream's order and with its id.
             await self._anchor(room)
@@ -440,7 +442,7 @@ class Rooms:
         (and the server knows it), then the id of the room's last stored message. Every
         later one then reaches its members here, live or read back."""
         bus = self._bus
-        if bus is None or not self._history_ready or room.last_id is not None:
+        if bus is None or room.last_id is not None or not await self._history_within(READ_DEADLINE):
             return
         async with room._order:
             if room.last_id is not None:
@@ -508,7 +510,7 @@ class Rooms:
         restored, complete, last = 0, False, since
         try:
             bus = self._bus
-            if bus is not None and self._history_ready:
+            if bus is not None and await self._history_within(READ_DEADLINE):
                 # Subscribed (and the server knows it) before reading: a message stored
                 # meanwhile comes live too, and the ids sort the two out.
                 await bus.subscribe(room.subject)
@@ -549,6 +551,20 @@ class Rooms:
             return stored is not None and stored.subject == self._history_subject(room)
         return False
 
+    async def _history_within(self, seconds: float) -> bool:
+        """Whether the history is in use, waiting up to ``seconds`` for a process that has
+        just started (or reconnected) to set it up."""
+        if self._bus is None or self.history is None:
+            return False
+        if not self._history_ready and not self._history_overdue:
+            try:
+                await asyncio.wait_for(self._history_set_up.wait(), seconds)
+            except TimeoutError:
+                # Not there yet (JetStream off, no quorum): no one else waits for it now;
+                # at most once until it is.
+                self._history_overdue = True
+        return self._history_ready
+
     async def _keep_history(self) -> None:
         """Have the stream as configured, trying again until the cluster can make it."""
         assert self._bus is not None
@@ -576,6 +592,7 @@ class Rooms:
                 await asyncio.sleep(_HISTORY_RETRY)
                 continue
             self._history_ready = True
+            self._history_set_up.set()
             self._bus_metrics.history.set(1)
             logger.info("history_ready", extra={"fields": {"stream": self.stream}})
             return
