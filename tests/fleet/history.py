@@ -23,7 +23,7 @@ from websockets.exceptions import ConnectionClosed
 from localfleet.demo import ca_file
 from localfleet.load import Tally, client_context, in_background, open_counted
 
-__all__ = ["RoomTraffic", "assert_nothing_lost", "room_traffic"]
+__all__ = ["RoomTraffic", "assert_nothing_lost", "reference_order", "room_traffic"]
 
 MEMBERS_PER_HOST = 8
 PUBLISH_EVERY = 0.05  # 20 messages a second per publisher, one publisher per host
@@ -163,17 +163,22 @@ def room_traffic(addresses: list[str], room: str) -> Iterator[RoomTraffic]:
         time.sleep(3)
 
 
-def assert_nothing_lost(
-    traffic: RoomTraffic, closes_allowed: frozenset[int] = frozenset(RECONNECT_CODES)
-) -> dict[str, object]:
-    """Every member got the room's every message once, in the one order; 0 failed
-    handshakes; only 1001/1012 closes (or ``closes_allowed``). Returns the figures."""
+def reference_order(traffic: RoomTraffic) -> list[str]:
+    """The room's messages in their one order: every message any member got, by id."""
     order: dict[int, str] = {}
     for member in traffic.members:
         for number, text in member.received:
             assert number is not None, f"a message without an id: {text}"
             assert order.setdefault(number, text) == text, f"id {number} is two messages"
-    reference = [order[number] for number in sorted(order)]
+    return [order[number] for number in sorted(order)]
+
+
+def assert_nothing_lost(
+    traffic: RoomTraffic, closes_allowed: frozenset[int] = frozenset(RECONNECT_CODES)
+) -> dict[str, object]:
+    """Every member got the room's every message once, in the one order; 0 failed
+    handshakes; only 1001/1012 closes (or ``closes_allowed``). Returns the figures."""
+    reference = reference_order(traffic)
     missed = duplicated = disordered = 0
     for member in traffic.members:
         texts = [text for _, text in member.received]

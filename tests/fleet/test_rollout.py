@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
 import threading
 import time
@@ -9,12 +10,15 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
+from selenium.webdriver.common.by import By
+from selenium.webdriver.support.wait import WebDriverWait
 
 import localfleet
 from localfleet.ansible import ansible_playbook
 from localfleet.image import RELEASES
-from tests.fleet.history import assert_nothing_lost, room_traffic
+from tests.fleet.history import assert_nothing_lost, reference_order, room_traffic
 from tests.fleet.load import assert_no_failures, load_on, summary
+from tests.fleet.test_browser import chromium
 from tests.fleet.test_bus import spans_the_fleet
 from tests.fleet.test_release_under_load import versions
 
@@ -25,10 +29,20 @@ def current_release(host: localfleet.FleetHost) -> str:
 
 @dataclass
 class RolledOut:
-    """The rollout's output, and what a chat room's clients saw through it."""
+    """The rollout's output, what a chat room's clients saw through it, and what two chat
+    pages on two hosts showed: (messages, notes) each."""
 
     stdout: str
     room: dict[str, object]
+    reference: list[str]
+    pages: list[tuple[list[str], list[str]]]
+
+
+# What a chat page shows: its messages, and its notes (the restore lines), as text.
+SHOWN = (
+    "const texts = (query) => [...document.querySelectorAll(query)].map(li => li.textContent);"
+    "return [texts('#messages li:not(.note)'), texts('#messages li.note')];"
+)
 
 
 @pytest.fixture(scope="module")
@@ -42,16 +56,25 @@ def rolled_out(fleet: localfleet.Fleet, deployed: object) -> Iterator[RolledOut]
     assert {h.release for h in fleet.app_servers} == set(RELEASES)
     addresses = [h.address for h in fleet.app_servers]
     bookworm = next(h for h in fleet.app_servers if h.release == "bookworm")
-    with load_on(addresses) as load, room_traffic(addresses, "history") as traffic:
-        fault = threading.Timer(5, kill_unit, (bookworm, "nats-server.service"))
-        fault.start()
-        result = ansible_playbook("playbooks/rollout.yml", "-e", "app_version=2.0.0")
-        fault.join()
+    with contextlib.ExitStack() as stack:
+        browsers = [stack.enter_context(contextlib.contextmanager(chromium)()) for _ in range(2)]
+        for host, browser in zip(fleet.app_servers, browsers, strict=False):
+            browser.get(f"https://{host.address}/?room=history")
+            WebDriverWait(browser, 20).until(
+                lambda d: ":" in d.find_element(By.ID, "served-by").text
+            )
+        with load_on(addresses) as load, room_traffic(addresses, "history") as traffic:
+            fault = threading.Timer(5, kill_unit, (bookworm, "nats-server.service"))
+            fault.start()
+            result = ansible_playbook("playbooks/rollout.yml", "-e", "app_version=2.0.0")
+            fault.join()
+        pages = [browser.execute_script(SHOWN) for browser in browsers]
     print(f"\nrollout under load: {summary(load)}")
     assert_no_failures(load)
     assert load.closes, "no instance restarted"
     try:
-        yield RolledOut(result.stdout, assert_nothing_lost(traffic))
+        room = assert_nothing_lost(traffic)
+        yield RolledOut(result.stdout, room, reference_order(traffic), pages)
     finally:
         ansible_playbook("site.yml")
 
@@ -77,6 +100,15 @@ def test_no_room_message_is_lost_across_the_rollout(rolled_out: RolledOut) -> No
     order, coming back with the last id it saw (figures printed)."""
     assert rolled_out.room["missed"] == 0
     assert rolled_out.room["restored"], "no member had anything to restore: no reconnect?"
+
+
+def test_two_chat_pages_miss_nothing_and_say_what_they_restored(rolled_out: RolledOut) -> None:
+    """The chat page in two browsers on two hosts, through the rollout: each shows every
+    message of the room once, in order, and a line saying what it restored on coming back."""
+    for messages, notes in rolled_out.pages:
+        assert messages == rolled_out.reference
+        assert any(re.fullmatch(r"reconnected to \S+:80\d\d, \d+ missed messages? restored", n)
+                   for n in notes), notes  # fmt: skip
 
 
 def test_a_killed_instance_costs_its_members_no_message(
