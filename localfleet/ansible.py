@@ -9,6 +9,8 @@ import re
 import signal
 import subprocess
 import tempfile
+import time
+from pathlib import Path
 
 from localfleet.settings import INVENTORY, REPO
 
@@ -51,6 +53,7 @@ def ansible_playbook(
     if mitogen:
         env.update(mitogen_env())
     command = [str(REPO / ".venv" / "bin" / "ansible-playbook"), "-i", str(INVENTORY.parent)]
+    started = time.monotonic()
     # The output goes to files, not pipes, so that a run cut short still shows how far it got.
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         # Its own process group: ansible's forks go with it when it is killed.
@@ -79,12 +82,28 @@ def ansible_playbook(
         err.seek(0)
         stdout, stderr = out.read(), err.read()
     result = subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+    _log_run(args, time.monotonic() - started, result)
     if check and result.returncode != 0:
         raise AssertionError(
             f"ansible-playbook {' '.join(args)} exited {result.returncode}:\n"
             f"{result.stdout[-6000:]}\n{result.stderr[-3000:]}"
         )
     return result
+
+
+def _log_run(
+    args: tuple[str, ...], seconds: float, result: subprocess.CompletedProcess[str]
+) -> None:
+    """With WSFLEET_PLAYBOOK_LOG=<file>: append the run's options, time and output to it
+    (with ANSIBLE_CALLBACKS_ENABLED=ansible.posix.profile_tasks, its slowest tasks), to see
+    where a test session's time went."""
+    log = os.environ.get("WSFLEET_PLAYBOOK_LOG")
+    if not log:
+        return
+    with Path(log).open("a") as out:
+        command = " ".join(args)
+        out.write(f"=== ansible-playbook {command}: {seconds:.1f}s, rc {result.returncode}\n")
+        out.write(result.stdout)
 
 
 def failure_summary(output: str) -> str:
