@@ -10,7 +10,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
+from selenium.common.exceptions import TimeoutException, WebDriverException
 from selenium.webdriver.common.by import By
+from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.support.wait import WebDriverWait
 
 import localfleet
@@ -35,7 +37,7 @@ class RolledOut:
     stdout: str
     room: dict[str, object]
     reference: list[str]
-    pages: list[tuple[list[str], list[str]]]
+    pages: list[tuple[list[str], list[str]] | str]
 
 
 # What a chat page shows: its messages, and its notes (the restore lines), as text.
@@ -43,6 +45,19 @@ SHOWN = (
     "const texts = (query) => [...document.querySelectorAll(query)].map(li => li.textContent);"
     "return [texts('#messages li:not(.note)'), texts('#messages li.note')];"
 )
+SHOWN_COUNT = "return document.querySelectorAll('#messages li:not(.note)').length;"
+
+
+def shown(browser: WebDriver, expected: int) -> tuple[list[str], list[str]] | str:
+    """What the page shows once it has caught up with the room (``expected`` messages, or
+    60 s), or why it could not be read: a page that fails fails its own test only."""
+    try:
+        with contextlib.suppress(TimeoutException):
+            WebDriverWait(browser, 60).until(lambda d: d.execute_script(SHOWN_COUNT) >= expected)
+        messages, notes = browser.execute_script(SHOWN)
+        return messages, notes
+    except WebDriverException as error:
+        return f"the chat page could not be read: {error.msg or error!r}"
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +83,8 @@ def rolled_out(fleet: localfleet.Fleet, deployed: object) -> Iterator[RolledOut]
             fault.start()
             result = ansible_playbook("playbooks/rollout.yml", "-e", "app_version=2.0.0")
             fault.join()
-        pages = [browser.execute_script(SHOWN) for browser in browsers]
+        expected = len(reference_order(traffic))
+        pages = [shown(browser, expected) for browser in browsers]
     print(f"\nrollout under load: {summary(load)}")
     assert_no_failures(load)
     assert load.closes, "no instance restarted"
@@ -105,7 +121,9 @@ def test_no_room_message_is_lost_across_the_rollout(rolled_out: RolledOut) -> No
 def test_two_chat_pages_miss_nothing_and_say_what_they_restored(rolled_out: RolledOut) -> None:
     """The chat page in two browsers on two hosts, through the rollout: each shows every
     message of the room once, in order, and a line saying what it restored on coming back."""
-    for messages, notes in rolled_out.pages:
+    for page in rolled_out.pages:
+        assert not isinstance(page, str), page
+        messages, notes = page
         assert messages == rolled_out.reference
         assert any(re.fullmatch(r"reconnected to \S+:80\d\d, \d+ missed messages? restored", n)
                    for n in notes), notes  # fmt: skip
