@@ -863,7 +863,11 @@ def listen_scenario(
 
 # Scenario 5's runs: name, bus_enabled, bus_history_max_age.
 VARIANTS = (("bus+history", True, 3600), ("bus", True, 0), ("in-process", False, 0))
-JSZ = "curl -s 127.0.0.1:8222/jsz; echo; curl -s 127.0.0.1:8222/varz"
+# nats-server's monitoring documents, each pretty-printed over lines: one line each here.
+JSZ = (
+    "for doc in jsz varz; do curl -s 127.0.0.1:8222/$doc"
+    " | python3 -c 'import json, sys; print(json.dumps(json.load(sys.stdin)))'; done"
+)
 
 
 def jetstream_usage(hosts: Sequence[localfleet.FleetHost]) -> dict[str, float]:

@@ -327,7 +327,8 @@ async def fan_out(
                     if event["type"] == "hello":
                         member.instance = event["instance"]
                         member.greeted.set()
-                    elif room_size is not None and event["members"] >= room_size:
+                    elif event["type"] == "presence" and event["members"] >= (room_size or 0):
+                        # (each message's id event, with the history on, is skipped too)
                         member.counted.set()
                     continue
                 arrived = clock()
