@@ -12,12 +12,23 @@ import tempfile
 import time
 from pathlib import Path
 
-from localfleet.settings import INVENTORY, REPO
+from localfleet.settings import FACTS, INVENTORY, REPO
 
 __all__ = ["ansible_playbook", "failure_summary", "inventory_var", "mitogen_env", "parse_recap"]
 
 # The playbooks that take the deploy lock (roles/deploy_lock).
 LOCKING_PLAYBOOKS = ("site.yml", "rollout.yml", "rollback.yml")
+
+# The hosts' facts gathered once per fleet and kept between the runs (Ansible's "smart"
+# gathering with a JSON cache): about 2 s less per playbook, seventy times a session. What
+# the roles read of them (Python version, addresses, CPUs, architecture) changes only when
+# a host boots afresh, and localfleet.up clears the cache then. The environment overrides.
+FACT_CACHE = {
+    "ANSIBLE_GATHERING": "smart",
+    "ANSIBLE_CACHE_PLUGIN": "ansible.builtin.jsonfile",
+    "ANSIBLE_CACHE_PLUGIN_CONNECTION": str(FACTS),
+    "ANSIBLE_CACHE_PLUGIN_TIMEOUT": "86400",
+}
 
 _RECAP = re.compile(r"^(?P<host>\S+)\s+:\s+(?P<counts>(?:\w+=\d+\s*)+)$")
 
@@ -49,7 +60,7 @@ def ansible_playbook(
         mitogen: with Mitogen's strategy when WSFLEET_MITOGEN=1 (False: Ansible's own,
             whatever the environment says).
     """
-    env = {**os.environ, "ANSIBLE_NOCOLOR": "1", "ANSIBLE_FORCE_COLOR": "0"}
+    env = {**FACT_CACHE, **os.environ, "ANSIBLE_NOCOLOR": "1", "ANSIBLE_FORCE_COLOR": "0"}
     if mitogen:
         env.update(mitogen_env())
     command = [str(REPO / ".venv" / "bin" / "ansible-playbook"), "-i", str(INVENTORY.parent)]

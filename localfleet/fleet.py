@@ -29,7 +29,7 @@ from localfleet.hosts import (
 from localfleet.image import MIX, build_images
 from localfleet.inventory import Fleet, plan, write_inventory, write_known_hosts
 from localfleet.network import bridge_down, bridge_up
-from localfleet.settings import BRIDGE, HOSTS_DIR, INVENTORY, NAME, SSH_DIR
+from localfleet.settings import BRIDGE, FACTS, HOSTS_DIR, INVENTORY, NAME, SSH_DIR
 
 __all__ = ["down", "leftovers", "preflight", "up"]
 
@@ -98,6 +98,8 @@ def up(hosts: int = 3, lb: bool = False, releases: Sequence[str] = MIX) -> Fleet
     deadline = time.monotonic() + BOOT_TIMEOUT
     for host in wanted:
         wait_running(host, deadline)
+    if started:
+        shutil.rmtree(FACTS, ignore_errors=True)
     write_known_hosts(wanted)
     write_inventory(wanted)
     log(f"up: {', '.join(h.name + '=' + h.address for h in wanted)}"
@@ -126,6 +128,7 @@ def down() -> None:
         log(f"removed {name}")
     bridge_down()
     INVENTORY.unlink(missing_ok=True)
+    shutil.rmtree(FACTS, ignore_errors=True)
     log("down: no container, mount, link or bridge left")
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 __all__ = [
     "BRIDGE",
+    "FACTS",
     "FIRST_APP_HOST",
     "FLEET",
     "GATEWAY",
@@ -31,6 +32,9 @@ STATE = REPO / ".fleet"
 IMAGES = STATE / "images"  # one base image per Debian release: images/<codename>
 HOSTS_DIR = STATE / "hosts"
 SSH_DIR = STATE / "ssh"
+# The hosts' facts between the test playbooks (localfleet.ansible), cleared whenever a
+# host boots afresh: a host of another Debian release has another Python.
+FACTS = STATE / "facts"
 INVENTORY = REPO / "inventories" / "demo" / "hosts.yml"
 
 FLEET = int(os.environ.get("WSFLEET_FLEET", "0") or 0)

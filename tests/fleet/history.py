@@ -27,6 +27,7 @@ __all__ = ["RoomTraffic", "assert_nothing_lost", "reference_order", "room_traffi
 
 MEMBERS_PER_HOST = 8
 PUBLISH_EVERY = 0.05  # 20 messages a second per publisher, one publisher per host
+CATCH_UP = 15.0  # seconds the members have, once the publishers stop, to get the last message
 RECONNECT_CODES = {1001, 1012}
 
 
@@ -136,15 +137,17 @@ async def _publisher(
 
 @contextmanager
 def room_traffic(addresses: list[str], room: str) -> Iterator[RoomTraffic]:
-    """Members on every address and a publisher on each, for the ``with`` block; a few
-    seconds of quiet traffic at the end let every member catch up."""
+    """Members on every address and a publisher on each, for the ``with`` block. At its end
+    the publishers stop first; the members stay until each has the last message any of
+    them got (or :data:`CATCH_UP` seconds), so one still on its way counts, not as missed."""
     traffic = RoomTraffic(members=[Member() for _ in range(MEMBERS_PER_HOST * len(addresses))])
 
     async def scenario(stopping: asyncio.Event, ready: threading.Event) -> None:
         context = client_context(ca_file())
+        leaving = asyncio.Event()
         members = [
             asyncio.create_task(
-                _member(addresses[n % len(addresses)], room, context, member, traffic, stopping)
+                _member(addresses[n % len(addresses)], room, context, member, traffic, leaving)
             )
             for n, member in enumerate(traffic.members)
         ]
@@ -156,11 +159,16 @@ def room_traffic(addresses: list[str], room: str) -> Iterator[RoomTraffic]:
         ]
         ready.set()
         await stopping.wait()
-        await asyncio.gather(*members, *publishers)
+        await asyncio.gather(*publishers)
+        deadline = time.monotonic() + CATCH_UP
+        behind = lambda: len({m.last_id for m in traffic.members}) > 1  # noqa: E731
+        while behind() and time.monotonic() < deadline:  # noqa: ASYNC110 - ids, not an event
+            await asyncio.sleep(0.1)
+        leaving.set()
+        await asyncio.gather(*members)
 
     with in_background(scenario, not_ready=lambda: str(traffic.handshakes.failures[:3])):
         yield traffic
-        time.sleep(3)
 
 
 def reference_order(traffic: RoomTraffic) -> list[str]:
@@ -190,9 +198,13 @@ def assert_nothing_lost(
     for member in traffic.members:
         closes.update(member.closes)
     figures = {
-        "published": len(reference), "sent": traffic.sent, "missed": missed,
-        "duplicated": duplicated, "out_of_order": disordered,
-        "failed_handshakes": len(traffic.handshakes.failures), "closes": dict(closes),
+        "published": len(reference),
+        "sent": traffic.sent,
+        "missed": missed,
+        "duplicated": duplicated,
+        "out_of_order": disordered,
+        "failed_handshakes": len(traffic.handshakes.failures),
+        "closes": dict(closes),
         "max_closes_per_member": max(sum(m.closes.values()) for m in traffic.members),
         "restored": sum(int(str(e["restored"])) for m in traffic.members for e in m.resumed),
         "incomplete": sum(1 for m in traffic.members for e in m.resumed if not e["complete"]),

@@ -135,8 +135,10 @@ def test_check_mode_of_a_first_install_changes_nothing(
 def test_scaling_instances_up_and_back_down(fleet: Fleet, deployed: object) -> None:
     """app_instances 2 → 4 → 2: exactly those units run and nginx's upstream matches."""
     for count in (2, 4, 2):
-        ansible_playbook("site.yml", "-e", f"app_instances={count}")
         wanted = list(range(8001, 8001 + count))
+        # The fleet starts on the demo's 2: checked as it is, without a run changing nothing.
+        if any(active_instances(host) != wanted for host in fleet.app_servers):
+            ansible_playbook("site.yml", "-e", f"app_instances={count}")
         for host in fleet.app_servers:
             assert active_instances(host) == wanted, host.name
             assert upstream_ports(host) == wanted, host.name
