@@ -142,6 +142,9 @@ def room_traffic(addresses: list[str], room: str) -> Iterator[RoomTraffic]:
     them got (or :data:`CATCH_UP` seconds), so one still on its way counts, not as missed."""
     traffic = RoomTraffic(members=[Member() for _ in range(MEMBERS_PER_HOST * len(addresses))])
 
+    def caught_up() -> bool:
+        return len({m.last_id for m in traffic.members}) == 1
+
     async def scenario(stopping: asyncio.Event, ready: threading.Event) -> None:
         context = client_context(ca_file())
         leaving = asyncio.Event()
@@ -161,8 +164,7 @@ def room_traffic(addresses: list[str], room: str) -> Iterator[RoomTraffic]:
         await stopping.wait()
         await asyncio.gather(*publishers)
         deadline = time.monotonic() + CATCH_UP
-        behind = lambda: len({m.last_id for m in traffic.members}) > 1  # noqa: E731
-        while behind() and time.monotonic() < deadline:  # noqa: ASYNC110 - ids, not an event
+        while not caught_up() and time.monotonic() < deadline:  # noqa: ASYNC110 - ids, not an event
             await asyncio.sleep(0.1)
         leaving.set()
         await asyncio.gather(*members)
@@ -198,13 +200,9 @@ def assert_nothing_lost(
     for member in traffic.members:
         closes.update(member.closes)
     figures = {
-        "published": len(reference),
-        "sent": traffic.sent,
-        "missed": missed,
-        "duplicated": duplicated,
-        "out_of_order": disordered,
-        "failed_handshakes": len(traffic.handshakes.failures),
-        "closes": dict(closes),
+        "published": len(reference), "sent": traffic.sent, "missed": missed,
+        "duplicated": duplicated, "out_of_order": disordered,
+        "failed_handshakes": len(traffic.handshakes.failures), "closes": dict(closes),
         "max_closes_per_member": max(sum(m.closes.values()) for m in traffic.members),
         "restored": sum(int(str(e["restored"])) for m in traffic.members for e in m.resumed),
         "incomplete": sum(1 for m in traffic.members for e in m.resumed if not e["complete"]),
