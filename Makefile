@@ -80,8 +80,13 @@ test-fleet: apt-deps venv
 
 # One pytest run, so its closing line counts every test; the fleet fixtures bring the
 # hosts up for the session and take them down at its end (also when a test fails).
+# TEST_WORKERS=2 (pytest-xdist): two processes, each with a fleet of its own
+# (tests/conftest.py) for its group of fleet modules (tests/fleet/conftest.py). One by
+# default: on 2 cores the fleet tests are CPU-bound and two fleets took longer than one
+# (README, Tests).
+TEST_WORKERS ?= 0
 test: apt-deps venv lint
-	$(BIN)/pytest
+	$(BIN)/pytest -n $(TEST_WORKERS) --dist loadgroup
 
 $(BIN)/.bench-installed: requirements/bench.txt $(BIN)/.installed
 	$(BIN)/$(PIP_INSTALL) -r requirements/bench.txt
@@ -111,5 +116,7 @@ demo: fleet-up
 demo-down: venv
 	$(BIN)/python -m localfleet down
 
+# The test session's second fleet too (TEST_WORKERS), if a killed run left it up.
 clean: demo-down
+	WSFLEET_FLEET=1 $(BIN)/python -m localfleet down
 	rm -rf $(VENV) .venv-sslyze .fleet build dist

@@ -10,6 +10,7 @@ side, since each debootstrap mostly waits on the network and on dpkg.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -20,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from localfleet.errors import FleetError, log, run
-from localfleet.settings import IMAGES, STATE
+from localfleet.settings import IMAGES, SHARED_STATE
 
 __all__ = [
     "DEFAULT_RELEASE",
@@ -101,9 +102,9 @@ def build_image(release: str) -> None:
     log(f"building the {release} image; this takes a few minutes")
     started = time.monotonic()
     IMAGES.mkdir(parents=True, exist_ok=True)
-    scratch = STATE / f"image-{release}.new"
+    scratch = SHARED_STATE / f"image-{release}.new"
     shutil.rmtree(scratch, ignore_errors=True)
-    wgetrc = STATE / f"wgetrc-{release}"
+    wgetrc = SHARED_STATE / f"wgetrc-{release}"
     wgetrc.write_text(f"timeout = {DOWNLOAD_TIMEOUT}\ntries = {DOWNLOAD_TRIES}\n")
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive", "WGETRC": str(wgetrc)}
     chroot = ["chroot", str(scratch)]
@@ -140,7 +141,12 @@ def build_images(releases: Sequence[str]) -> None:
     wanted = sorted(set(releases))
     # The single Debian 12 image of before (.fleet/image): no host boots from it any more
     # (``up`` has stopped the hosts without a release), and it holds 300 MB.
-    shutil.rmtree(STATE / "image", ignore_errors=True)
-    with ThreadPoolExecutor(max_workers=len(wanted) or 1) as pool:
-        for future in [pool.submit(build_image, release) for release in wanted]:
-            future.result()
+    shutil.rmtree(SHARED_STATE / "image", ignore_errors=True)
+    IMAGES.mkdir(parents=True, exist_ok=True)
+    # The fleets of a checkout share its images: one builds them while the others wait,
+    # then find them built.
+    with (SHARED_STATE / "images.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        with ThreadPoolExecutor(max_workers=len(wanted) or 1) as pool:
+            for future in [pool.submit(build_image, release) for release in wanted]:
+                future.result()

@@ -15,7 +15,17 @@ from pathlib import Path
 from localfleet.errors import FleetError, run
 from localfleet.hosts import FleetHost
 from localfleet.image import MIX, RELEASES
-from localfleet.settings import FIRST_APP_HOST, INVENTORY, LB_HOST, NAME, NETWORK, SSH_DIR
+from localfleet.settings import (
+    DEMO_GROUP_VARS,
+    FIRST_APP_HOST,
+    FLEET,
+    INVENTORY,
+    LB_HOST,
+    NAME,
+    NETWORK,
+    SSH_DIR,
+    STATE,
+)
 
 __all__ = ["Fleet", "plan", "read_fleet", "write_inventory", "write_known_hosts"]
 
@@ -65,6 +75,28 @@ def plan(hosts: int, lb: bool, releases: Sequence[str] = MIX) -> tuple[FleetHost
     return tuple(planned)
 
 
+def controller_state() -> dict[str, Path]:
+    """Where site.yml keeps this fleet's side on the controller (role variables).
+
+    Fleet 0's CA and bus secrets are where the demo has always kept them (outside the
+    checkout: a browser that trusts the demo's CA keeps trusting it); another fleet's are
+    its own, beside its hosts, so that two fleets' first deploys never make one CA twice
+    or build into one folder at once.
+    """
+    state = {
+        "monitoring_file_sd_dir": STATE / "prometheus" / "file_sd",
+        "monitoring_rules_dir": STATE / "prometheus" / "rules",
+    }
+    if FLEET == 0:
+        return {"tls_ca_dir": Path.home() / ".local/share/wsfleet/demo-ca", **state}
+    return {
+        "tls_ca_dir": STATE / "ca",
+        "bus_secret_dir": STATE / "bus",
+        "app_build_root": STATE / "builds",
+        **state,
+    }
+
+
 def write_inventory(hosts: Sequence[FleetHost]) -> None:
     groups: dict[str, list[FleetHost]] = {}
     for host in hosts:
@@ -82,6 +114,8 @@ def write_inventory(hosts: Sequence[FleetHost]) -> None:
         "    ansible_python_interpreter: /usr/bin/python3",
         f"    ansible_ssh_private_key_file: {key}",
         f"    ansible_ssh_common_args: -o UserKnownHostsFile={known} -o StrictHostKeyChecking=yes",
+        "    # This fleet's state on the controller (localfleet.inventory.controller_state).",
+        *(f"    {name}: {path}" for name, path in controller_state().items()),
         "  children:",
     ]
     for group in sorted(groups):
@@ -94,6 +128,9 @@ def write_inventory(hosts: Sequence[FleetHost]) -> None:
             for h in groups[group]
         ]
     INVENTORY.parent.mkdir(parents=True, exist_ok=True)
+    group_vars = INVENTORY.parent / "group_vars"
+    if not group_vars.exists():
+        group_vars.symlink_to(DEMO_GROUP_VARS)
     with tempfile.NamedTemporaryFile("w", dir=INVENTORY.parent, delete=False) as out:
         out.write("\n".join(lines) + "\n")
     os.replace(out.name, INVENTORY)

@@ -1,7 +1,9 @@
 """Where the local fleet keeps its state and how it names and addresses its hosts.
 
-``WSFLEET_FLEET=N`` (1..9) gives a second checkout its own bridge, subnet and host names,
-so two fleets can run side by side on one machine; 0, the default, is the first fleet.
+``WSFLEET_FLEET=N`` (1..9) gives a fleet its own bridge, subnet, host names and state on
+the controller, so that fleets run side by side on one machine, from one checkout (the
+test session's workers: tests/conftest.py) or several; 0, the default, is the first
+fleet, whose inventory is the demo's. The fleets of a checkout share its images.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from pathlib import Path
 
 __all__ = [
     "BRIDGE",
+    "DEMO_GROUP_VARS",
     "FACTS",
     "FIRST_APP_HOST",
     "FLEET",
@@ -23,21 +26,31 @@ __all__ = [
     "NAME",
     "NETWORK",
     "REPO",
+    "SHARED_STATE",
     "SSH_DIR",
     "STATE",
 ]
 
 REPO = Path(__file__).resolve().parent.parent
-STATE = REPO / ".fleet"
-IMAGES = STATE / "images"  # one base image per Debian release: images/<codename>
+FLEET = int(os.environ.get("WSFLEET_FLEET", "0") or 0)
+SHARED_STATE = REPO / ".fleet"
+IMAGES = SHARED_STATE / "images"  # one base image per Debian release: images/<codename>
+# What is this fleet's own: its hosts, keys, facts, and the controller's side of what
+# site.yml makes (CA, bus secrets, builds, monitoring targets) for fleets other than 0.
+STATE = SHARED_STATE if FLEET == 0 else SHARED_STATE / f"fl{FLEET}"
 HOSTS_DIR = STATE / "hosts"
 SSH_DIR = STATE / "ssh"
 # The hosts' facts between the test playbooks (localfleet.ansible), cleared whenever a
 # host boots afresh: a host of another Debian release has another Python.
 FACTS = STATE / "facts"
-INVENTORY = REPO / "inventories" / "demo" / "hosts.yml"
-
-FLEET = int(os.environ.get("WSFLEET_FLEET", "0") or 0)
+# Fleet 0's is the demo inventory; another's is a folder of its own whose group_vars are
+# the demo's (localfleet.inventory links them).
+INVENTORY = (
+    REPO / "inventories" / "demo" / "hosts.yml"
+    if FLEET == 0
+    else STATE / "inventory" / "hosts.yml"
+)
+DEMO_GROUP_VARS = REPO / "inventories" / "demo" / "group_vars"
 BRIDGE = f"wsf{FLEET}"
 NETWORK = ipaddress.ip_network(f"10.213.{FLEET}.0/24")
 GATEWAY = str(NETWORK[1])

@@ -4,10 +4,12 @@ The fleet comes up once per session and is taken down at its end, leaving the ma
 it was (the teardown checks that nothing of it is left), unless WSFLEET_KEEP=1 (``make
 test-fleet``): then a running fleet is used as it is and stays up for the next run. A fleet
 that cannot come up, or a first deploy that fails, stops the session with one line saying
-why, instead of an error for every fleet test. It is a mixed fleet,
-Debian 13 and Debian 12 in turn (fleet1 trixie, fleet2 bookworm, fleet3 trixie): every
-test that spans the fleet spans both releases, and ``tests.fleet.releases`` picks a host
-of each.
+why, instead of an error for every fleet test. Under ``make test`` each worker has a
+fleet of its own (tests/conftest.py) for its group of modules (GROUPS below).
+
+It is a mixed fleet, Debian 13 and Debian 12 in turn (the first host trixie, the second
+bookworm, the third trixie): every test that spans the fleet spans both releases, and
+``tests.fleet.releases`` picks a host of each.
 """
 
 from __future__ import annotations
@@ -23,11 +25,24 @@ import localfleet
 from localfleet.ansible import ansible_playbook, failure_summary
 from localfleet.image import MIX
 
+# The fleet modules in two groups of about equal time, one per worker of ``make test
+# TEST_WORKERS=2`` (pytest-xdist's loadgroup: a group runs whole on one worker and its
+# fleet, test_fleet.py first, then in the order of one process's session). Each module
+# restores what it changes, so a module runs the same in either group.
+GROUPS = {
+    "fleet-a": ("test_fleet.py", "test_browser.py", "test_deploy.py", "test_operations.py",
+                "test_release_under_load.py", "test_rollout.py"),
+    "fleet-b": ("test_bus.py", "test_loadbalancer.py", "test_nginx_ops.py", "test_security.py",
+                "test_unix.py"),
+}  # fmt: skip
+_GROUP_OF = {module: group for group, modules in GROUPS.items() for module in modules}
 
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups off the marks
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Mark every test under tests/fleet as a fleet test. The tests that need no fleet go
-    first (a fleet that fails to come up stops the session), then the fleet's own tests:
-    those reboot a host, so they run before anything is deployed on it."""
+    """Mark every test under tests/fleet as a fleet test of its group. The tests that need
+    no fleet go first (a fleet that fails to come up stops the session), then the fleet's own
+    tests: those reboot a host, so they run before anything is deployed on it."""
 
     def rank(item: pytest.Item) -> int:
         if "/tests/fleet/" not in str(item.path):
@@ -35,8 +50,11 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         return 1 if item.path.name == "test_fleet.py" else 2
 
     for item in items:
-        if rank(item):
+        if "/tests/fleet/" in str(item.path):
+            group = _GROUP_OF.get(item.path.name)
+            assert group, f"{item.path.name}: a fleet module in no group of GROUPS"
             item.add_marker(pytest.mark.fleet)
+            item.add_marker(pytest.mark.xdist_group(group))
     items.sort(key=rank)
 
 

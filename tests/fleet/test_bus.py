@@ -8,6 +8,7 @@ import re
 import time
 
 import localfleet
+from app.bus import STORE_DEADLINE
 from localfleet.ansible import ansible_playbook
 from localfleet.instances import instance_get
 from tests.fleet.rooms import Member, members_on, wait_for
@@ -25,14 +26,15 @@ def on_host(host: localfleet.FleetHost, command: str) -> str:
     return result.stdout
 
 
-async def every_message_once(members: list[Member], label: str) -> None:
-    """Each member sends one message; every member receives each exactly once."""
+async def every_message_once(members: list[Member], label: str, within: float = 10) -> None:
+    """Each member sends one message; every member receives each exactly once, all of them
+    within ``within`` seconds."""
     sent = [f"{label}-{i}" for i in range(len(members))]
     for member, text in zip(members, sent, strict=True):
         await member.ws.send(text)
     await wait_for(
         lambda: all(set(m.received) >= set(sent) for m in members),
-        10,
+        within,
         f"{len(members)}x{len(members)} deliveries of {label}",
     )
     await asyncio.sleep(LATE_DUPLICATES)
@@ -133,8 +135,11 @@ def test_a_stopped_bus_server_cuts_off_only_its_own_host(fleet: Fleet, deployed:
             others = [m for m in members if m.host != third.address]
             on_host(third, "systemctl stop nats-server")
             try:
-                await every_message_once(others, "without-fleet3")
-                assert not any(m.received for m in on_third), "fleet3 was reached without its bus"
+                # A stored publish may wait on a stream leader's election when the stopped
+                # server led it: the app's own bound for that (STORE_DEADLINE), and a margin.
+                await every_message_once(others, f"without-{third.name}", STORE_DEADLINE + 5)
+                reached = [m.instance for m in on_third if m.received]
+                assert not reached, f"{third.name} was reached without its bus: {reached}"
                 for port in (8001, 8002):
                     ready = json.loads(instance_get(third, port, "/readyz").stdout)
                     assert ready["bus"] == "disconnected", ready
@@ -145,7 +150,8 @@ def test_a_stopped_bus_server_cuts_off_only_its_own_host(fleet: Fleet, deployed:
             started = time.monotonic()
             probe = 0
             while not all(m.received for m in on_third):
-                assert time.monotonic() - started < 5, "fleet3's members not reached within 5 s"
+                late = time.monotonic() - started >= 5
+                assert not late, f"{third.name}'s members not reached within 5 s"
                 await others[0].ws.send(f"probe-{probe}")
                 probe += 1
                 await asyncio.sleep(0.25)

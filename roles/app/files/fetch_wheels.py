@@ -17,6 +17,7 @@ index it was asked of.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import hashlib
 import os
 import re
@@ -92,19 +93,24 @@ def main(argv: list[str] | None = None) -> int:
 
     pins = requirements(args.requirements)
     cached = args.cache / cache_key(pins, args.python_version, args.platform)
-    if not (cached / ".complete").is_file():
-        index = index_url()
-        scratch = cached.with_name(cached.name + ".tmp")
-        shutil.rmtree(scratch, ignore_errors=True)
-        scratch.mkdir(parents=True)
-        for pin in pins:
-            download(pin, scratch, args, index)
-        (scratch / ".complete").write_text("\n".join(pins) + "\n")
-        shutil.rmtree(cached, ignore_errors=True)
-        scratch.rename(cached)
-        print(f"downloaded {len(pins)} wheels from {index} into {cached}")
-    else:
-        print(f"{len(pins)} wheels from the cache {cached}")
+    args.cache.mkdir(parents=True, exist_ok=True)
+    # One filler at a time per folder: two deploys from this controller at once (two
+    # checkouts, two fleets) would otherwise download into, and replace, one scratch.
+    with cached.with_name(cached.name + ".lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (cached / ".complete").is_file():
+            index = index_url()
+            scratch = cached.with_name(cached.name + ".tmp")
+            shutil.rmtree(scratch, ignore_errors=True)
+            scratch.mkdir(parents=True)
+            for pin in pins:
+                download(pin, scratch, args, index)
+            (scratch / ".complete").write_text("\n".join(pins) + "\n")
+            shutil.rmtree(cached, ignore_errors=True)
+            scratch.rename(cached)
+            print(f"downloaded {len(pins)} wheels from {index} into {cached}")
+        else:
+            print(f"{len(pins)} wheels from the cache {cached}")
     args.dest.mkdir(parents=True, exist_ok=True)
     for wheel in cached.glob("*.whl"):
         shutil.copy2(wheel, args.dest / wheel.name)

@@ -1,0 +1,16 @@
+"""The test session's workers each bring up a local fleet of their own.
+
+``make test`` runs pytest with two workers (pytest-xdist): worker ``gwN`` uses fleet
+``WSFLEET_FLEET + N`` (its own bridge, subnet, host names and state: localfleet.settings),
+so that the fleet tests of each worker's group (tests/fleet/conftest.py) run beside the
+other's. Set here, before anything imports localfleet, which reads it once.
+"""
+
+from __future__ import annotations
+
+import os
+
+_WORKER = os.environ.get("PYTEST_XDIST_WORKER", "")  # "gw0", "gw1", ... under xdist
+if _WORKER.startswith("gw"):
+    _BASE = int(os.environ.get("WSFLEET_FLEET", "0") or 0)
+    os.environ["WSFLEET_FLEET"] = str(_BASE + int(_WORKER[2:]))
