@@ -78,10 +78,10 @@ def plan(hosts: int, lb: bool, releases: Sequence[str] = MIX) -> tuple[FleetHost
 def controller_state() -> dict[str, Path]:
     """Where site.yml keeps this fleet's side on the controller (role variables).
 
-    Fleet 0's CA and bus secrets are where the demo has always kept them (outside the
-    checkout: a browser that trusts the demo's CA keeps trusting it); another fleet's are
-    its own, beside its hosts, so that two fleets' first deploys never make one CA twice
-    or build into one folder at once.
+    Fleet 0's CA is the demo's, outside the checkout (a browser that trusts it keeps
+    trusting it across clones), and its bus secrets and builds the roles' defaults; another
+    fleet's are its own, beside its hosts, so that two fleets' first deploys never make one
+    CA twice or build into one folder at once.
     """
     state = {
         "monitoring_file_sd_dir": STATE / "prometheus" / "file_sd",
