@@ -4,8 +4,8 @@ The fleet comes up once per session and is taken down at its end, leaving the ma
 it was (the teardown checks that nothing of it is left), unless WSFLEET_KEEP=1 (``make
 test-fleet``): then a running fleet is used as it is and stays up for the next run. A fleet
 that cannot come up, or a first deploy that fails, stops the session with one line saying
-why, instead of an error for every fleet test. Under ``make test`` each worker has a
-fleet of its own (tests/conftest.py) for its group of modules (GROUPS below).
+why, instead of an error for every fleet test. Under ``make test TEST_WORKERS=2`` each
+worker has a fleet of its own (tests/conftest.py) for its group of modules (GROUPS below).
 
 It is a mixed fleet, Debian 13 and Debian 12 in turn (the first host trixie, the second
 bookworm, the third trixie): every test that spans the fleet spans both releases, and
