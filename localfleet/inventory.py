@@ -129,6 +129,8 @@ def write_inventory(hosts: Sequence[FleetHost]) -> None:
         ]
     INVENTORY.parent.mkdir(parents=True, exist_ok=True)
     group_vars = INVENTORY.parent / "group_vars"
+    if group_vars.is_symlink() and group_vars.resolve() != DEMO_GROUP_VARS:
+        group_vars.unlink()  # left by a checkout since moved
     if not group_vars.exists():
         group_vars.symlink_to(DEMO_GROUP_VARS)
     with tempfile.NamedTemporaryFile("w", dir=INVENTORY.parent, delete=False) as out:

@@ -15,6 +15,7 @@ from pathlib import Path
 __all__ = [
     "BRIDGE",
     "DEMO_GROUP_VARS",
+    "DEMO_INVENTORY",
     "FACTS",
     "FIRST_APP_HOST",
     "FLEET",
@@ -45,12 +46,9 @@ SSH_DIR = STATE / "ssh"
 FACTS = STATE / "facts"
 # Fleet 0's is the demo inventory; another's is a folder of its own whose group_vars are
 # the demo's (localfleet.inventory links them).
-INVENTORY = (
-    REPO / "inventories" / "demo" / "hosts.yml"
-    if FLEET == 0
-    else STATE / "inventory" / "hosts.yml"
-)
-DEMO_GROUP_VARS = REPO / "inventories" / "demo" / "group_vars"
+DEMO_INVENTORY = REPO / "inventories" / "demo"
+DEMO_GROUP_VARS = DEMO_INVENTORY / "group_vars"
+INVENTORY = (DEMO_INVENTORY if FLEET == 0 else STATE / "inventory") / "hosts.yml"
 BRIDGE = f"wsf{FLEET}"
 NETWORK = ipaddress.ip_network(f"10.213.{FLEET}.0/24")
 GATEWAY = str(NETWORK[1])
