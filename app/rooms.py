@@ -48,6 +48,7 @@ from nats.js import api as js_api
 from prometheus_client import CollectorRegistry
 from websockets.asyncio.server import ServerConnection, broadcast
 from websockets.exceptions import ConnectionClosed
+from websockets.frames import CloseCode
 from websockets.protocol import State
 
 from app.bus import READ_DEADLINE, STORE_DEADLINE, Bus
@@ -87,9 +88,22 @@ LAST_SEQUENCE_HEADER = "Nats-Last-Sequence"
 _PLAIN = frozenset(string.ascii_letters + string.digits + "-_")
 # Until the stream is there (a cluster still electing its leaders), tried again this often.
 _HISTORY_RETRY = 2.0
+# A gap the history answered without (a server catching up): asked again this often.
+_GAP_RETRY = 0.5
+# The close reason of a member sent back to resume (a gap the history could not fill).
+_SEND_BACK = "messages missed here: come back with your last id"
+QUIET = 2.0
+"""Seconds a room with members here may go without a stored message reaching this process
+before the process asks the history whether it missed some (a subscription that brings
+nothing: interest lost between servers); an idle room is asked half as often each time."""
+_QUIET_MAX = 60.0
 REPUBLISH_WAIT = 1.0
 """Seconds a sender's process waits for the stream to republish its stored message to it
 before reading it back from the history (its server's route to the stream's leader down)."""
+
+
+class _Unreadable(Exception):
+    """The history did not answer a read (already logged)."""
 
 
 @dataclass(frozen=True)
@@ -177,6 +191,10 @@ class Room:
         self._order = asyncio.Lock()
         self._advanced = asyncio.Event()
         self._rooms = rooms
+        # When to ask the history whether this process missed some of the room (QUIET),
+        # and how long the wait after that one.
+        self._check_at = time.monotonic() + QUIET
+        self._quiet = QUIET
         # instance -> (members there, monotonic time at which that count expires)
         self._remote: dict[str, tuple[int, float]] = {}
 
@@ -216,6 +234,8 @@ class Room:
     def _reached(self, seq: int) -> None:
         self.last_id = seq
         self._advanced.set()
+        self._check_at = time.monotonic() + QUIET
+        self._quiet = QUIET
 
     def _deliver(self, data: bytes, text: bool, source: str, seq: int | None = None) -> None:
         """Write a message to every open member; one whose history is being replayed has
@@ -264,6 +284,9 @@ class Rooms:
         self._history_set_up = asyncio.Event()
         self._history_overdue = False
         self._history_task: asyncio.Task[None] | None = None
+        self._watch_task: asyncio.Task[None] | None = None
+        # Closes of members sent back to resume, kept until done (the loop holds weak refs).
+        self._closing: set[asyncio.Task[None]] = set()
         self._metrics = metrics
         self._rooms: dict[str, Room] = {}  # by subject
         # Rooms whose subscription or count the bus has not been told about yet.
@@ -292,12 +315,14 @@ class Rooms:
         if self._bus is not None and self._task is None:
             self._bus.start()
             self._task = asyncio.create_task(self._keep_presence(), name="presence")
+            if self.history is not None:
+                self._watch_task = asyncio.create_task(self._keep_up(), name="keep-up")
 
     async def close(self) -> None:
         """Leave every room on the bus (announce 0 members) and disconnect from it."""
         if self._bus is None:
             return
-        for task in (self._task, self._history_task):
+        for task in (self._task, self._history_task, self._watch_task):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -433,7 +458,7 @@ class Rooms:
                 if seq <= room.last_id:
                     return  # delivered already (from a gap's fill)
                 if last > room.last_id:
-                    await self._fill_gap(room, until=seq)
+                    await self._fill_gap(room, until=seq, known=last)
             room._deliver(data, text, "bus", seq)
             room._reached(seq)
 
@@ -461,43 +486,80 @@ class Rooms:
     async def _delivered_here(self, room: Room, seq: int) -> None:
         """Wait until the stored message ``seq`` reached this process's members; when the
         stream's republished copy is late (a route down), read it back from the history."""
+        if await self._wait_reached(room, seq, REPUBLISH_WAIT):
+            return
+        async with room._order:
+            if room.last_id is None:
+                room.last_id = seq - 1  # nothing to deliver before it here
+            if room.last_id < seq:
+                await self._fill_gap(room, until=seq + 1, known=seq)
+
+    async def _wait_reached(self, room: Room, seq: int, seconds: float) -> bool:
+        """Whether message ``seq`` reaches this process's members within ``seconds``."""
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + REPUBLISH_WAIT
+        deadline = loop.time() + seconds
         while room.last_id is None or room.last_id < seq:
             left = deadline - loop.time()
             if left <= 0:
-                async with room._order:
-                    if room.last_id is None:
-                        room.last_id = seq - 1  # nothing to deliver before it here
-                    await self._fill_gap(room, until=seq + 1)
-                return
+                return False
             room._advanced.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(room._advanced.wait(), left)
+        return True
 
-    async def _fill_gap(self, room: Room, until: int) -> None:
-        """Deliver what this process missed of the room, from the history, up to ``until``."""
+    async def _fill_gap(self, room: Room, until: int, known: int) -> None:
+        """Deliver what this process missed of the room, from the history, up to ``until``.
+
+        ``known`` is a message the stream said it holds. A history that answers without it
+        (a server still catching up, a leader just elected) is asked again, for
+        :data:`READ_DEADLINE` at most. A gap it still cannot fill is never passed over in
+        silence: the members here that take ids are closed with 1012, to come back with the
+        last id they saw and be told by their resume what it restored.
+        """
         subject = self._history_subject(room)
         last = room.last_id
         assert last is not None
-        while (stored := await self._stored_after(subject, last)) is not None:
-            seq, data, text = stored
-            if seq >= until:
-                return
-            room._deliver(data, text, "bus", seq)
-            room._reached(seq)
-            last = seq
-            self._bus_metrics.replayed.labels("gap").inc()
+        deadline = asyncio.get_running_loop().time() + READ_DEADLINE
+        while True:
+            with contextlib.suppress(_Unreadable):
+                while (stored := await self._stored_after(subject, last)) is not None:
+                    seq, data, text = stored
+                    if seq >= until:
+                        break
+                    room._deliver(data, text, "bus", seq)
+                    room._reached(seq)
+                    last = seq
+                    self._bus_metrics.replayed.labels("gap").inc()
+            if last >= known or asyncio.get_running_loop().time() >= deadline:
+                break
+            await asyncio.sleep(_GAP_RETRY)
+        if last < known:
+            fields = {"room": room.name, "after": last, "through": known}
+            logger.warning("history_gap", extra={"fields": fields})
+            self._send_back(room)
+
+    def _send_back(self, room: Room) -> None:
+        """Close the room's members here that take ids with 1012: each comes back with the
+        last id it saw, and its resume gets it what the history holds after it."""
+        for ws, member in list(room._members.items()):
+            if member.ids and ws.state is State.OPEN:
+                task = asyncio.create_task(ws.close(CloseCode.SERVICE_RESTART, _SEND_BACK))
+                self._closing.add(task)
+                task.add_done_callback(self._closing.discard)
 
     async def _stored_after(self, subject: str, seq: int) -> tuple[int, bytes, bool] | None:
         """The first message stored on ``subject`` after ``seq``: its id, payload and
-        whether it is text; None when there is none (or the history cannot be read)."""
+        whether it is text; None when there is none.
+
+        Raises:
+            _Unreadable: the history did not answer (logged).
+        """
         assert self._bus is not None
         try:
             stored = await self._bus.stored_after(self.stream, subject, seq)
         except Exception as error:
             logger.warning("history_unreadable", extra={"fields": {"error": str(error)}})
-            return None
+            raise _Unreadable from error
         if stored is None or stored.seq is None:
             return None
         data = stored.data or b""
@@ -517,12 +579,15 @@ class Rooms:
                 await bus.flush()
                 complete = since == 0 or await self._still_stored(since, room)
                 subject = self._history_subject(room)
-                while (stored := await self._stored_after(subject, last)) is not None:
-                    seq, data, text = stored
-                    if member.ids:
-                        await ws.send(_message_event(seq))
-                    await ws.send(data, text=text)
-                    restored, last = restored + 1, seq
+                try:
+                    while (stored := await self._stored_after(subject, last)) is not None:
+                        seq, data, text = stored
+                        if member.ids:
+                            await ws.send(_message_event(seq))
+                        await ws.send(data, text=text)
+                        restored, last = restored + 1, seq
+                except _Unreadable:
+                    complete = False  # what followed ``last`` was not read
                 self._bus_metrics.replayed.labels("resume").inc(restored)
             # Each send may wait on the client: what arrives meanwhile joins the queue, so
             # the member is let through to live delivery only once nothing is held.
@@ -596,6 +661,38 @@ class Rooms:
             self._bus_metrics.history.set(1)
             logger.info("history_ready", extra={"fields": {"stream": self.stream}})
             return
+
+    async def _keep_up(self) -> None:
+        """Ask the history about every room that stayed quiet here (:data:`QUIET`): a
+        message the subscription did not bring is delivered from the history, in order,
+        a few seconds late rather than never."""
+        assert self._bus is not None
+        while True:
+            await asyncio.sleep(HEARTBEAT)
+            if not self._history_ready or not self._bus.connected:
+                continue
+            for room in list(self._rooms.values()):
+                now = time.monotonic()
+                if room.last_id is None or not room.local or now < room._check_at:
+                    continue
+                room._quiet = min(room._quiet * 2, _QUIET_MAX)
+                room._check_at = now + room._quiet
+                try:
+                    last = await self._bus.last_stored(self.stream, self._history_subject(room))
+                except Exception as error:
+                    logger.warning("history_unreadable", extra={"fields": {"error": str(error)}})
+                    continue
+                if last <= room.last_id:
+                    continue
+                # Its republished copy may be on its way: given REPUBLISH_WAIT, as a sender's.
+                await self._wait_reached(room, last, REPUBLISH_WAIT)
+                async with room._order:
+                    behind = room.last_id
+                    if behind is None or last <= behind:
+                        continue
+                    fields = {"room": room.name, "after": behind, "through": last}
+                    logger.warning("room_behind", extra={"fields": fields})
+                    await self._fill_gap(room, until=last + 1, known=last)
 
     def _connected(self) -> None:
         """(Re)connected: subscribe and announce every room now, not at the next beat;

@@ -196,3 +196,34 @@ def test_one_server_down_the_room_goes_on_and_nothing_stored_is_lost(
         await asyncio.gather(back.close(), stranded.close())
 
     asyncio.run(scenario())
+
+
+def test_a_room_gone_quiet_gets_what_its_process_missed_meanwhile(
+    start_app: StartApp, nats_cluster: NatsCluster
+) -> None:
+    """A listening process's server is down while 5 messages are stored, then back, and the
+    room goes quiet: no later message shows the gap, yet the process delivers the 5, in
+    order, with their ids, within seconds (rooms.QUIET), and says it was behind."""
+    servers = nats_cluster(3, token=TOKEN, jetstream=True)
+    apps = [start_chat(start_app, server) for server in servers[:2]]
+
+    async def scenario() -> None:
+        listener = await Client.join(apps[1], "quiet")
+        sender_side = await Client.join(apps[0], "quiet")
+        await publish(apps[0], "quiet", ["before"])
+        await listener.wait(lambda: len(listener.received) == 1, "the first message")
+        servers[1].kill()
+        texts = [f"q{n}" for n in range(5)]
+        await publish(apps[0], "quiet", texts, 0.05)
+        # Stored (the sender's members get each once it is) before the server is back.
+        await sender_side.wait(lambda: len(sender_side.received) == 6, "its own 5", 20)
+        servers[1].start()
+        await listener.wait(lambda: len(listener.received) == 6, "the 5 sent meanwhile", 20)
+        for client in (listener, sender_side):
+            assert client.texts() == ["before", *texts]
+        assert all(number is not None for number, _ in listener.received)
+        assert dict(listener.received) == dict(sender_side.received)
+        await asyncio.gather(listener.close(), sender_side.close())
+
+    asyncio.run(scenario())
+    apps[1].wait_for_line(r"event=room_behind", timeout=5)

@@ -33,8 +33,10 @@ RECONNECT_CODES = {1001, 1012}
 
 @dataclass
 class Member:
-    """One member: what it received, in order, with the id each message came with."""
+    """One member: the host address it joins through, what it received, in order, with
+    the id each message came with, how its connections closed, its ``resumed`` events."""
 
+    address: str = ""
     received: list[tuple[int | None, str]] = field(default_factory=list)
     closes: Counter[int] = field(default_factory=Counter)
     resumed: list[dict[str, object]] = field(default_factory=list)
@@ -140,7 +142,8 @@ def room_traffic(addresses: list[str], room: str) -> Iterator[RoomTraffic]:
     """Members on every address and a publisher on each, for the ``with`` block. At its end
     the publishers stop first; the members stay until each has the last message any of
     them got (or :data:`CATCH_UP` seconds), so one still on its way counts, not as missed."""
-    traffic = RoomTraffic(members=[Member() for _ in range(MEMBERS_PER_HOST * len(addresses))])
+    count = MEMBERS_PER_HOST * len(addresses)
+    traffic = RoomTraffic(members=[Member(addresses[n % len(addresses)]) for n in range(count)])
 
     def caught_up() -> bool:
         return len({m.last_id for m in traffic.members}) == 1
@@ -149,10 +152,8 @@ def room_traffic(addresses: list[str], room: str) -> Iterator[RoomTraffic]:
         context = client_context(ca_file())
         leaving = asyncio.Event()
         members = [
-            asyncio.create_task(
-                _member(addresses[n % len(addresses)], room, context, member, traffic, leaving)
-            )
-            for n, member in enumerate(traffic.members)
+            asyncio.create_task(_member(member.address, room, context, member, traffic, leaving))
+            for member in traffic.members
         ]
         while traffic.handshakes.done < len(members):  # noqa: ASYNC110 - a count, not an event
             await asyncio.sleep(0.1)
@@ -183,6 +184,28 @@ def reference_order(traffic: RoomTraffic) -> list[str]:
     return [order[number] for number in sorted(order)]
 
 
+def _who_missed(traffic: RoomTraffic, reference: list[str]) -> Iterator[str]:
+    """A line per member that missed messages: where, how many, the runs of the room's
+    order it missed (by position), its closes and the instances it resumed on."""
+    position = {text: n for n, text in enumerate(reference)}
+    for n, member in enumerate(traffic.members):
+        got = {text for _, text in member.received}
+        gone = sorted(position[t] for t in set(reference) - got)
+        if not gone:
+            continue
+        runs: list[list[int]] = []
+        for index in gone:
+            if runs and index == runs[-1][1] + 1:
+                runs[-1][1] = index
+            else:
+                runs.append([index, index])
+        shown = ", ".join(f"{a}-{b}" for a, b in runs[:6]) + (" ..." if len(runs) > 6 else "")
+        resumed = [f"{e.get('instance')}@{e.get('since')}" for e in member.resumed]
+        yield (f"member {n} via {member.address}: {len(gone)} of {len(reference)} missed "
+               f"({len(runs)} runs: {shown}); closes {dict(member.closes)}; "
+               f"resumed {resumed}")  # fmt: skip
+
+
 def assert_nothing_lost(
     traffic: RoomTraffic, closes_allowed: frozenset[int] = frozenset(RECONNECT_CODES)
 ) -> dict[str, object]:
@@ -208,6 +231,8 @@ def assert_nothing_lost(
         "incomplete": sum(1 for m in traffic.members for e in m.resumed if not e["complete"]),
     }
     print(f"\nroom traffic: {figures}")
+    for line in _who_missed(traffic, reference):
+        print(line)
     assert traffic.handshakes.failures == []
     assert set(closes) <= closes_allowed, closes
     assert (missed, duplicated, disordered) == (0, 0, 0), figures

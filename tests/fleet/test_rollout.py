@@ -60,6 +60,14 @@ def shown(browser: WebDriver, expected: int) -> tuple[list[str], list[str]] | st
         return f"the chat page could not be read: {error.msg or error!r}"
 
 
+# The warnings of a host's instances (logfmt on stdout, so journald's priority is info)
+# and of its bus server in the last minutes, for a failure to show.
+WARNINGS = (
+    "journalctl -u 'wsapp@*' -u nats-server --since '-{minutes}min' --no-pager -o cat"
+    " | grep -E 'level=(warning|error)|\\[(WRN|ERR)\\]' | tail -n 60"
+)
+
+
 @pytest.fixture(scope="module")
 def rolled_out(fleet: localfleet.Fleet, deployed: object) -> Iterator[RolledOut]:
     """The fleet on release 2.0.0, rolled out under load; the deploy's release afterwards.
@@ -89,10 +97,16 @@ def rolled_out(fleet: localfleet.Fleet, deployed: object) -> Iterator[RolledOut]
     assert_no_failures(load)
     assert load.closes, "no instance restarted"
     try:
-        room = assert_nothing_lost(traffic)
+        try:
+            room = assert_nothing_lost(traffic)
+        except AssertionError:
+            for host in fleet.app_servers:  # what the instances said went wrong
+                print(f"{host.name}:", host.ssh(WARNINGS.format(minutes=15)).stdout)
+            raise
         yield RolledOut(result.stdout, room, reference_order(traffic), pages)
     finally:
         ansible_playbook("site.yml")
+
 
 
 def kill_unit(host: localfleet.FleetHost, unit: str) -> None:
