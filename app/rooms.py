@@ -88,14 +88,17 @@ LAST_SEQUENCE_HEADER = "Nats-Last-Sequence"
 _PLAIN = frozenset(string.ascii_letters + string.digits + "-_")
 # Until the stream is there (a cluster still electing its leaders), tried again this often.
 _HISTORY_RETRY = 2.0
-# A gap the history answered without (a server catching up): asked again this often.
+# A gap the history answered without (a server catching up): asked again this often, for
+# this long, before its members are sent back to resume.
 _GAP_RETRY = 0.5
+_GAP_PATIENCE = 5.0
 # The close reason of a member sent back to resume (a gap the history could not fill).
 _SEND_BACK = "messages missed here: come back with your last id"
 QUIET = 2.0
 """Seconds a room with members here may go without a stored message reaching this process
-before the process asks the history whether it missed some (a subscription that brings
-nothing: interest lost between servers); an idle room is asked half as often each time."""
+before the process asks the history whether it missed some (its server was down while
+messages were stored, a subscription that brings nothing); the wait doubles while the
+room stays quiet, up to a minute, and is back to this at the next message."""
 _QUIET_MAX = 60.0
 REPUBLISH_WAIT = 1.0
 """Seconds a sender's process waits for the stream to republish its stored message to it
@@ -511,15 +514,16 @@ class Rooms:
         """Deliver what this process missed of the room, from the history, up to ``until``.
 
         ``known`` is a message the stream said it holds. A history that answers without it
-        (a server still catching up, a leader just elected) is asked again, for
-        :data:`READ_DEADLINE` at most. A gap it still cannot fill is never passed over in
-        silence: the members here that take ids are closed with 1012, to come back with the
-        last id they saw and be told by their resume what it restored.
+        (a server still catching up, a leader just elected) is asked again for a few
+        seconds. A gap it still cannot fill (that message gone since, or the history not
+        answering) is never passed over in silence: the members here that take ids are
+        closed with 1012, to come back with the last id they saw and be told by their
+        resume what it restored and whether that is complete.
         """
         subject = self._history_subject(room)
         last = room.last_id
         assert last is not None
-        deadline = asyncio.get_running_loop().time() + READ_DEADLINE
+        deadline = asyncio.get_running_loop().time() + _GAP_PATIENCE
         while True:
             with contextlib.suppress(_Unreadable):
                 while (stored := await self._stored_after(subject, last)) is not None:

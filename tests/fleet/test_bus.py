@@ -74,15 +74,21 @@ def test_the_bus_is_a_cluster_over_tls_on_every_host(fleet: Fleet, deployed: obj
 
 
 def test_the_bus_secrets_are_not_readable_or_printed(fleet: Fleet, deployed: object) -> None:
-    """The token and route password live in files only root (and nats) read; no play prints them."""
+    """The token and route password live in files only root (and nats) read; no play prints
+    them, not even the diff of a change to the files that hold them (shown by --check
+    --diff as a real run would show it, and nothing restarted for it)."""
     host = fleet.app_servers[0]
     assert on_host(host, "stat -c '%a %U %G' /etc/nats-server.conf").strip() == "640 root nats"
     assert on_host(host, "stat -c '%a %U %G' /etc/wsapp/secrets.env").strip() == "600 root root"
     token = on_host(host, "sed -n 's/^APP_BUS_TOKEN=//p' /etc/wsapp/secrets.env").strip()
     assert len(token) >= 32
-    run = ansible_playbook("site.yml", "--diff", "-e", "bus_max_payload=1114113")
+    config = "sha256sum /etc/nats-server.conf /etc/wsapp/secrets.env"
+    before = on_host(host, config)
+    run = ansible_playbook("site.yml", "--check", "--diff", "-e", "bus_max_payload=1114113")
+    task = run.stdout.split("TASK [bus : Write the server's configuration]", 1)[1]
+    assert f"changed: [{host.name}]" in task.split("TASK [", 1)[0], run.stdout[-3000:]
     assert token not in run.stdout
-    ansible_playbook("site.yml")
+    assert on_host(host, config) == before
 
 
 def test_the_bus_unit_scores_at_most_1_5(fleet: Fleet, deployed: object) -> None:

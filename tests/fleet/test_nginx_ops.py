@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import itertools
 import json
 import re
 import socket
@@ -32,6 +33,7 @@ from localfleet.ansible import ansible_playbook, parse_recap
 from localfleet.demo import ca_file
 from localfleet.load import Tally, client_context, in_background, open_counted
 from localfleet.settings import GATEWAY
+from tests.fleet.history import assert_nothing_lost, room_traffic
 from tests.fleet.load import assert_no_failures, load_on, summary
 
 Fleet = localfleet.Fleet
@@ -246,18 +248,34 @@ def served_certificate(address: str) -> x509.Certificate:
     return x509.load_der_x509_certificate(der)
 
 
+def bus_started(fleet: Fleet) -> dict[str, float]:
+    """When each host's nats-server started, in seconds of the kernel's monotonic clock
+    (one clock for every container of the machine)."""
+    show = "systemctl show -p ExecMainStartTimestampMonotonic --value nats-server"
+    return {h.name: int(h.ssh(show).stdout) / 1e6 for h in fleet.app_servers}
+
+
 def test_certificate_renewal_under_load_fails_no_handshake(fleet: Fleet, ops: Path) -> None:
     """Certificates within the renewal window are issued anew and nginx reloads under load:
-    0 failed handshakes, only 1001/1012 closes, 0 lost replies; the hosts serve the new ones."""
+    0 failed handshakes, only 1001/1012 closes, 0 lost replies; the hosts serve the new ones.
+    The bus servers, whose route certificates changed, restart one host at a time: a room
+    with members on every host gets every message once, stored with its id, throughout."""
     addresses = [h.address for h in fleet.app_servers]
     before = {a: served_certificate(a).serial_number for a in addresses}
+    started = bus_started(fleet)
     try:
         # 365-day certificates are all within a 400-day window: each host gets a 500-day one.
-        with load_on(addresses) as load:
+        with load_on(addresses) as load, room_traffic(addresses, "renewal") as traffic:
             ansible_playbook(
                 "site.yml", "-e", "tls_expiry_warn_days=400", "-e", "tls_cert_valid_days=500"
             )
         assert_no_failures(load)
+        assert_nothing_lost(traffic)
+        restarts = sorted(bus_started(fleet).values())
+        assert not set(restarts) & set(started.values()), "a bus server did not restart"
+        # Each waited until the one before was back with its streams current.
+        gaps = [b - a for a, b in itertools.pairwise(restarts)]
+        assert min(gaps) > 0.5, gaps
         after = {a: served_certificate(a) for a in addresses}
         for address, cert in after.items():
             assert cert.serial_number != before[address], address
