@@ -72,8 +72,9 @@ _OPTIONS: list[tuple[str, type, object, str]] = [
     ("ping_interval", float, 20.0, "seconds between keepalive pings"),
     ("ping_timeout", float, 20.0, "seconds to wait for a pong before closing 1011"),
     ("max_connections", int, 10000, "open connections per process; past it: HTTP 503"),
-    ("allowed_origins", str, "", "comma-separated Origin values allowed (empty: any), "
-     "others get 403; a request without Origin is not from a browser and is let through"),
+    ("allowed_origins", str, "", "comma-separated Origin values allowed (empty: pages of "
+     "the host the handshake is sent to), others get 403; a request without Origin is "
+     "not from a browser and is let through"),
     ("compression", str, "deflate", "permessage-deflate: 'deflate' or 'none' (less memory)"),
     ("compression_window_bits", int, 10, "deflate's window, 9..15: the server's and, when "
      "the client offers it, the client's (2**bits bytes each; larger compresses better)"),

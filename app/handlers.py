@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import secrets
 from http import HTTPStatus
 from urllib.parse import parse_qs, urlsplit
 
@@ -25,6 +26,12 @@ __all__ = ["chat", "echo"]
 
 _templates = Environment(
     loader=PackageLoader("app", "templates"), autoescape=select_autoescape(["html"])
+)
+# The chat page's policy: its own script and style (by nonce), its WebSockets back to the
+# host that served it ('self' covers ws: and wss: of the same host), nothing else.
+CONTENT_SECURITY_POLICY = (
+    "default-src 'none'; script-src 'nonce-{nonce}'; style-src 'nonce-{nonce}'; "
+    "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
 )
 # How often a client that asked for events is told the room's member count, if changed.
 PRESENCE_EVERY = 0.5
@@ -105,8 +112,15 @@ def _chat_page(connection: ServerConnection, request: Request) -> Response | Non
     if parts.path not in ("/", "/chat"):
         return None
     room = _room_of("/ws?" + parts.query)
-    page = _templates.get_template("chat.html").render(room=room)
-    return http_response(HTTPStatus.OK, page.encode(), "text/html; charset=utf-8")
+    # The page's one script and one style run by this response's nonce; nothing else
+    # runs, loads or frames it (an injected tag in a message would not run either).
+    nonce = secrets.token_urlsafe(16)
+    page = _templates.get_template("chat.html").render(room=room, nonce=nonce)
+    policy = CONTENT_SECURITY_POLICY.format(nonce=nonce)
+    return http_response(
+        HTTPStatus.OK, page.encode(), "text/html; charset=utf-8",
+        [("Content-Security-Policy", policy)],
+    )  # fmt: skip
 
 
 chat.process_request = _chat_page  # type: ignore[attr-defined]

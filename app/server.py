@@ -21,9 +21,10 @@ import os
 import signal
 import socket
 import stat
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from http import HTTPStatus
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 from prometheus_client import CONTENT_TYPE_LATEST
 from websockets.asyncio.server import Server as WebSocketServer
@@ -60,14 +61,23 @@ RUNNING = "running"
 DRAINING = "draining"
 
 
-def http_response(status: HTTPStatus, body: bytes, content_type: str) -> Response:
-    """A complete HTTP response to send instead of a handshake."""
+def http_response(
+    status: HTTPStatus, body: bytes, content_type: str, extra: Sequence[tuple[str, str]] = ()
+) -> Response:
+    """A complete HTTP response to send instead of a handshake, with ``extra`` headers.
+
+    A browser is told to take the content type as given (``nosniff``) and to send no
+    Referer from it to elsewhere.
+    """
     headers = Headers(
         [
             ("Content-Type", content_type),
             ("Content-Length", str(len(body))),
             ("Cache-Control", "no-store"),
+            ("X-Content-Type-Options", "nosniff"),
+            ("Referrer-Policy", "no-referrer"),
             ("Connection", "close"),
+            *extra,
         ]
     )
     return Response(status.value, status.phrase, headers, body)
@@ -214,11 +224,14 @@ class Server:
             connection: the connection being opened.
             request: its HTTP request.
         """
-        path = request.path.split("?", 1)[0]
+        path, _, query = request.path.partition("?")
         if path in ("/healthz", "/readyz"):
             report = self.status()
             ok = path == "/healthz" or report["status"] == "ok"
             code = HTTPStatus.OK if ok else HTTPStatus.SERVICE_UNAVAILABLE
+            if "brief" in parse_qs(query, keep_blank_values=True):
+                # What nginx's public /healthz asks for: up or not, and nothing of the process.
+                report = {"status": report["status"]}
             return http_response(code, json.dumps(report).encode() + b"\n", "application/json")
         if path == "/metrics":
             return http_response(HTTPStatus.OK, self.metrics.render(), CONTENT_TYPE_LATEST)
@@ -244,10 +257,24 @@ class Server:
             return HTTPStatus.SERVICE_UNAVAILABLE, "at capacity"
         origin = request.headers.get("Origin")
         # A missing Origin is a non-browser client, which no browser policy protects.
-        allowed = self.settings.allowed_origins
-        if allowed and origin is not None and origin not in allowed:
+        if origin is not None and not self._origin_allowed(origin, request):
             return HTTPStatus.FORBIDDEN, "origin not allowed"
         return None
+
+    def _origin_allowed(self, origin: str, request: Request) -> bool:
+        """A browser's handshake: from a listed origin (``allowed_origins``), or, with none
+        listed, from a page of the host it is sent to (the Origin's host is the Host
+        header's, as nginx passes it on). A page elsewhere cannot open a socket with its
+        visitors' cookies (cross-site WebSocket hijacking)."""
+        if self.settings.allowed_origins:
+            return origin in self.settings.allowed_origins
+        hosts = request.headers.get_all("Host")
+        try:
+            page = urlsplit(origin).hostname
+            target = urlsplit("//" + hosts[0]).hostname if len(hosts) == 1 else None
+        except ValueError:  # an address that does not parse is no one's page
+            return False
+        return page is not None and page == target
 
     def process_response(
         self, connection: ServerConnection, request: Request, response: Response

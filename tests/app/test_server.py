@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -73,7 +74,8 @@ def test_message_past_max_size_closes_1009(start_app: StartApp) -> None:
 
 
 def test_health_ready_and_metrics(start_app: StartApp) -> None:
-    """/healthz and /readyz report the process in JSON; /metrics counts traffic."""
+    """/healthz and /readyz report the process in JSON (?brief: only its status); /metrics
+    counts traffic."""
     app = start_app("--version-label", "v42")
     status, body = http_get(app.http + "/healthz")
     assert status == 200
@@ -83,6 +85,8 @@ def test_health_ready_and_metrics(start_app: StartApp) -> None:
     assert health["port"] == app.port
     assert health["pid"] == app.process.pid
     assert http_get(app.http + "/readyz")[0] == 200
+    # What nginx's public /healthz asks for: up or not, nothing of the process.
+    assert http_get(app.http + "/healthz?brief") == (200, '{"status": "ok"}\n')
     assert 'wsapp_messages_total{direction="out"} 0.0' in http_get(app.http + "/metrics")[1]
 
     async def traffic() -> str:
@@ -234,6 +238,26 @@ def test_origin_not_allowed_is_refused_403(start_app: StartApp) -> None:
     assert 'wsapp_handshakes_total{result="refused"} 1.0' in http_get(app.http + "/metrics")[1]
 
 
+def test_by_default_only_pages_of_the_host_itself_may_connect(start_app: StartApp) -> None:
+    """No origins configured: a page of the host the handshake is sent to (its Host, as
+    nginx passes it) connects; a page elsewhere, a sandboxed page (null) or a look-alike
+    does not; a client without an Origin (not a browser) does."""
+    app = start_app()
+
+    def status(origin: str | None, host: str = "chat.example") -> int:
+        # The URI's host goes in the Host header; the connection goes to the app.
+        url = f"ws://{host}/"
+        return asyncio.run(handshake_status(url, origin=origin, host="127.0.0.1", port=app.port))
+
+    assert status("https://chat.example") == 101
+    assert status("https://CHAT.example:443") == 101
+    assert status("https://chat.example", host="chat.example:8443") == 101
+    assert status("https://[::1]", host="[::1]:8443") == 101
+    for foreign in ("https://evil.example", "null", "https://chat.example.evil.example"):
+        assert status(foreign) == 403, foreign
+    assert status(None) == 101
+
+
 def test_capacity_refuses_with_503_and_readyz_says_so(start_app: StartApp) -> None:
     """Past --max-connections a handshake gets 503 and /readyz turns 503."""
     app = start_app("--max-connections", "2")
@@ -341,6 +365,34 @@ def test_chat_page_and_broadcast_within_a_room(start_app: StartApp) -> None:
     assert 'wsapp_messages_total{direction="in"} 1.0' in metrics
     assert 'wsapp_messages_total{direction="out"} 2.0' in metrics
     assert 'wsapp_bytes_total{direction="out"} 12.0' in metrics
+
+
+def test_chat_page_runs_only_its_own_script_and_style(start_app: StartApp) -> None:
+    """The chat page's Content-Security-Policy lets its one script and style run, by a
+    nonce new in each response, its WebSockets reach only its own host, nothing frame it;
+    every HTTP answer says nosniff and sends no Referer (the browser tests run it so)."""
+    app = start_app("--handler", "app.handlers:chat")
+    nonces = []
+    for _ in range(2):
+        with urllib.request.urlopen(app.http + "/?room=csp", timeout=5) as response:  # noqa: S310
+            policy = response.headers["Content-Security-Policy"]
+            page = response.read().decode()
+            assert response.headers["X-Content-Type-Options"] == "nosniff"
+            assert response.headers["Referrer-Policy"] == "no-referrer"
+        directives = dict(d.strip().split(" ", 1) for d in policy.split(";"))
+        nonce = re.fullmatch(r"'nonce-([\w-]{16,})'", directives["script-src"])
+        assert nonce, policy
+        assert directives["style-src"] == directives["script-src"]
+        assert (directives["default-src"], directives["connect-src"]) == ("'none'", "'self'")
+        assert directives["frame-ancestors"] == "'none'"
+        tags = re.findall(r"<(script|style)\b([^>]*)>", page)
+        assert tags == [("style", f' nonce="{nonce[1]}"'), ("script", f' nonce="{nonce[1]}"')]
+        nonces.append(nonce[1])
+    assert nonces[0] != nonces[1]
+    status, _ = http_get(app.http + "/healthz")
+    with urllib.request.urlopen(app.http + "/healthz", timeout=5) as response:  # noqa: S310
+        assert response.headers["X-Content-Type-Options"] == "nosniff"
+    assert status == 200
 
 
 def negotiated_extensions(url: str, offer: ClientPerMessageDeflateFactory | None) -> str | None:

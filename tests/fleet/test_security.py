@@ -9,6 +9,8 @@ import socket
 import ssl
 import subprocess
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -140,6 +142,55 @@ def test_the_private_ca_certificate_is_not_stapled(
     site = fleet.app_servers[0].ssh("cat /etc/nginx/sites-enabled/wsfleet.conf").stdout
     assert "ssl_certificate " in site
     assert "ssl_stapling" not in site
+
+
+def public_get(url: str) -> tuple[int, str]:
+    """Status and body of a GET from this machine, as a stranger would send it."""
+    context = ssl.create_default_context(cafile=str(ca_file()))
+    try:
+        with urllib.request.urlopen(url, context=context, timeout=5) as response:  # noqa: S310
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read().decode()
+
+
+def test_the_public_listeners_show_nothing_of_the_processes(
+    fleet: localfleet.Fleet, deployed: object
+) -> None:
+    """Through nginx, on 443 and 80: /healthz says up and nothing else (no pid, port,
+    release or connections), /readyz and /metrics are not there; on the host, the
+    instance's own port still tells everything."""
+    host = fleet.app_servers[0]
+    for scheme in ("https", "http"):
+        assert public_get(f"{scheme}://{host.address}/healthz") == (200, '{"status": "ok"}\n')
+    for path in ("/readyz", "/metrics"):
+        assert public_get(f"https://{host.address}{path}")[0] == 404, path
+    # Reaches an instance, which serves no metrics there (its own /metrics only).
+    status, body = public_get(f"https://{host.address}/metrics/8001")
+    assert status != 200, body
+    assert "wsapp_" not in body
+    local = json.loads(host.ssh("curl -sf http://127.0.0.1:8001/healthz").stdout)
+    assert {"pid", "port", "version", "connections"} <= set(local), local
+
+
+def test_by_default_a_page_elsewhere_cannot_open_a_socket(
+    fleet: localfleet.Fleet, deployed: object
+) -> None:
+    """With app_allowed_origins at its default: a handshake from a page of the fleet's own
+    host is served, one from a page elsewhere gets 403 (no socket with its visitors'
+    cookies); a client without an Origin is served."""
+    address = fleet.app_servers[0].address
+
+    async def opened(origin: str | None) -> int:
+        try:
+            async with connect(f"wss://{address}/ws/origin", ssl=tls_context(), origin=origin):
+                return 101
+        except InvalidStatus as refused:
+            return refused.response.status_code
+
+    for origin, expected in ((f"https://{address}", 101), ("https://evil.example", 403),
+                             (None, 101)):  # fmt: skip
+        assert asyncio.run(opened(origin)) == expected, origin
 
 
 def test_plain_http_redirects_to_https_but_health_answers(

@@ -255,6 +255,9 @@ def test_site_proxies_websockets_with_upgrade_headers(nginx_prefix: Path) -> Non
     assert re.findall(r"server 127\.0\.0\.1:(\d+)", site) == ["8001", "8002", "8003"]
     assert "non_idempotent" not in site
     assert "location = /metrics {\n        return 404;" in site
+    assert "location = /readyz {\n        return 404;" in site
+    # Public health: up or not, nothing of the process (on port 80 and 443 alike).
+    assert site.count("proxy_pass http://wsfleet_app/healthz?brief;") == 2
     main = render("etc/nginx/nginx.conf.j2", variables)
     assert "ssl_protocols TLSv1.2 TLSv1.3;" in main
     assert "ssl_prefer_server_ciphers off;" in main
