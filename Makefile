@@ -62,7 +62,7 @@ lint: venv
 	$(BIN)/yamllint --strict .
 	$(BIN)/ansible-lint
 
-# The fleet tests' playbooks run with Mitogen's strategy (README, Tests), the first
+# The fleet tests' playbooks run with Mitogen's strategy (docs/testing.md, Mitogen), the first
 # deploy of a session excepted.
 export WSFLEET_MITOGEN ?= 1
 
@@ -83,7 +83,7 @@ test-fleet: apt-deps venv
 # TEST_WORKERS=2 (pytest-xdist): two processes, each with a fleet of its own
 # (tests/conftest.py) for its group of fleet modules (tests/fleet/conftest.py). One by
 # default: on 2 cores the fleet tests are CPU-bound and two fleets took longer than one
-# (README, Tests).
+# (docs/testing.md, Two workers).
 TEST_WORKERS ?= 0
 test: apt-deps venv lint
 	$(BIN)/pytest -n $(TEST_WORKERS) --dist loadgroup

@@ -16,7 +16,8 @@ What ``make demo``, ``make bench`` and the fleet tests deploy to, over real SSH,
 - :mod:`localfleet.ansible`: running playbooks against the fleet, reading their recaps;
 - :mod:`localfleet.demo`: what ``make demo`` prints, and a round trip through a host;
 - :mod:`localfleet.instances`: a GET on one app instance, where its unit says it listens;
-- :mod:`localfleet.load`: WebSocket clients that load the fleet (tests and bench).
+- :mod:`localfleet.load`: WebSocket clients that load the fleet (tests and bench);
+- :mod:`localfleet.variables_doc`: docs/variables.md, rendered from the roles' argument specs.
 
 This package is product code: tests and the bench import it, never the reverse.
 """

@@ -38,7 +38,7 @@ def mitogen_env() -> dict[str, str]:
 
     Mitogen runs the same modules over the same SSH, with one Python interpreter kept per
     host instead of one upload and start per task: a run of site.yml that changes nothing
-    takes half the time (README, Tests). Empty when not asked for.
+    takes half the time (docs/testing.md, Mitogen). Empty when not asked for.
     """
     if os.environ.get("WSFLEET_MITOGEN") != "1":
         return {}

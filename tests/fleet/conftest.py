@@ -81,7 +81,7 @@ def fleet() -> Iterator[localfleet.Fleet]:
 @pytest.fixture(scope="session")
 def deployed(fleet: localfleet.Fleet) -> subprocess.CompletedProcess[str]:
     """site.yml applied once to the fleet, with Ansible's own strategy as operators run it
-    (the later runs may use Mitogen's: README, Tests)."""
+    (the later runs may use Mitogen's: docs/testing.md, Mitogen)."""
     result = ansible_playbook("site.yml", check=False, mitogen=False)
     if result.returncode != 0:
         print(result.stdout[-6000:], result.stderr[-3000:], sep="\n", file=sys.stderr)

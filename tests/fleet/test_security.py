@@ -104,7 +104,7 @@ def modern_with_own_certificate(
             "-days", "2", "-extfile", str(extensions), "-out", str(crt))  # fmt: skip
     chain.write_text(crt.read_text() + ca_crt.read_text())
     # The bus's routes keep certificates of the private CA that the other hosts' servers
-    # trust, as an operator's inventory gives them (README, Variables): a public
+    # trust, as an operator's inventory gives them (docs/rooms.md, The bus): a public
     # certificate neither allows client authentication nor names the route address.
     routes = "/etc/ssl/wsfleet-routes"
     copied = host.ssh(f"install -d -m 0700 {routes} && cp -p /etc/ssl/wsfleet/server.crt "
