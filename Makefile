@@ -17,7 +17,7 @@ INVENTORY := inventories/demo
 APT_PACKAGES := systemd-container debootstrap iproute2 openssh-client util-linux \
 	nginx nats-server curl ca-certificates chromium chromium-driver libnss3-tools prometheus
 
-.PHONY: help apt-deps venv lint check test test-unit test-fleet demo demo-down fleet-up fleet-status status bench clean
+.PHONY: help apt-deps venv lint sanity check test test-unit test-fleet demo demo-down fleet-up fleet-status status bench clean
 
 help:
 	@echo "make demo       local fleet of $(HOSTS) hosts, deployed with site.yml; prints the URLs"
@@ -25,7 +25,7 @@ help:
 	@echo "make test       lint, unit, template and fleet tests (installs what it needs)"
 	@echo "make check      lint, unit and template tests: no fleet, a few minutes"
 	@echo "make test-fleet K=expr  the fleet tests matching expr, on a fleet kept up between runs"
-	@echo "make lint       ruff, mypy --strict, yamllint, ansible-lint"
+	@echo "make lint       ruff, mypy --strict, yamllint, ansible-lint, the changelog, ansible-test sanity"
 	@echo "make bench      capacity figures on the local fleet; report in bench/out/"
 	@echo "make status     one table of the fleet (FORMAT=json for scripts; INVENTORY=...)"
 
@@ -61,6 +61,24 @@ lint: venv
 	$(BIN)/mypy --strict app localfleet
 	$(BIN)/yamllint --strict .
 	$(BIN)/ansible-lint
+	PATH=$(abspath $(BIN)):$$PATH $(BIN)/antsibull-changelog lint
+	$(MAKE) --no-print-directory sanity
+
+# The collection as it installs (galaxy.yml), checked by ansible-test sanity where it must
+# sit: ansible_collections/wsfleet/fleet, in a scratch folder outside the checkout (inside
+# it, ansible-test takes git's view of the files and finds none). The tests skipped need
+# virtualenvs that ansible-test bootstraps with a pip script from
+# ci-files.testing.ansible.com, a host this kit's build machines need not reach; their
+# checks (Python style, YAML, the changelog) are ruff's, yamllint's, ansible-lint's and
+# antsibull-changelog's above.
+SANITY_SKIP := pep8 pylint validate-modules yamllint runtime-metadata changelog pslint shellcheck
+sanity: venv
+	@set -e; scratch=$$(mktemp -d); trap 'rm -rf "$$scratch"' EXIT; \
+	$(BIN)/ansible-galaxy collection build --output-path "$$scratch" . >/dev/null; \
+	$(BIN)/ansible-galaxy collection install --no-deps -p "$$scratch" "$$scratch"/wsfleet-fleet-*.tar.gz >/dev/null 2>&1; \
+	cd "$$scratch/ansible_collections/wsfleet/fleet"; \
+	$(abspath $(BIN))/ansible-test sanity --python $$($(abspath $(BIN))/python -c 'import sys; print("%d.%d" % sys.version_info[:2])') \
+		$(addprefix --skip-test ,$(SANITY_SKIP))
 
 # The fleet tests' playbooks run with Mitogen's strategy (docs/testing.md, Mitogen), the first
 # deploy of a session excepted.

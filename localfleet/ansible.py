@@ -50,7 +50,7 @@ def mitogen_env() -> dict[str, str]:
 
 
 def ansible_playbook(
-    *args: str, check: bool = True, mitogen: bool = True
+    *args: str, check: bool = True, mitogen: bool = True, project: Path | None = None
 ) -> subprocess.CompletedProcess[str]:
     """Run ansible-playbook from the repo root against the demo inventory.
 
@@ -59,18 +59,22 @@ def ansible_playbook(
         check: raise AssertionError, with the play's output, when it fails.
         mitogen: with Mitogen's strategy when WSFLEET_MITOGEN=1 (False: Ansible's own,
             whatever the environment says).
+        project: run from this folder instead, an operator's project of its own (its
+            ansible.cfg, its playbooks) with its inventory in ``<project>/inventory``.
     """
     env = {**FACT_CACHE, **os.environ, "ANSIBLE_NOCOLOR": "1", "ANSIBLE_FORCE_COLOR": "0"}
     if mitogen:
         env.update(mitogen_env())
-    command = [str(REPO / ".venv" / "bin" / "ansible-playbook"), "-i", str(INVENTORY.parent)]
+    inventory = project / "inventory" if project else INVENTORY.parent
+    command = [str(REPO / ".venv" / "bin" / "ansible-playbook"), "-i", str(inventory)]
     started = time.monotonic()
     # The output goes to files, not pipes, so that a run cut short still shows how far it got.
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         # Its own process group: ansible's forks go with it when it is killed.
         process = subprocess.Popen(
-            [*command, *args], cwd=REPO, env=env, stdout=out, stderr=err, start_new_session=True
-        )
+            [*command, *args], cwd=project or REPO, env=env, stdout=out, stderr=err,
+            start_new_session=True,
+        )  # fmt: skip
         try:
             process.wait()
         except BaseException:
@@ -83,10 +87,10 @@ def ansible_playbook(
             out.seek(0)
             tail = out.read()[-8000:]
             print(f"ansible-playbook {' '.join(args)} interrupted; its output:\n{tail}")
-            if any(arg.endswith(LOCKING_PLAYBOOKS) for arg in args):
+            if project or any(arg.endswith(LOCKING_PLAYBOOKS) for arg in args):
                 subprocess.run(
-                    [*command, "playbooks/unlock.yml"], cwd=REPO, env=env,
-                    capture_output=True, check=False, timeout=180,
+                    [command[0], "-i", str(INVENTORY.parent), "playbooks/unlock.yml"],
+                    cwd=REPO, env=env, capture_output=True, check=False, timeout=180,
                 )  # fmt: skip
             raise
         out.seek(0)

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import re
+import shutil
 import ssl
 import subprocess
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -14,6 +16,7 @@ from websockets.asyncio.client import connect
 import localfleet
 from localfleet.ansible import ansible_playbook, parse_recap
 from localfleet.demo import ca_file, round_trip
+from localfleet.settings import INVENTORY, REPO
 
 Fleet = localfleet.Fleet
 
@@ -52,6 +55,70 @@ def test_second_run_changes_nothing(
     assert {name: counts["changed"] for name, counts in recap.items()} == {
         h.name: 0 for h in fleet.app_servers
     }
+
+
+# An operator's project of its own: its ansible.cfg finds the installed collection, its
+# playbook calls the kit's by FQCN. What a real project needs of ansible.cfg, nothing more.
+PROJECT_CFG = """\
+[defaults]
+collections_path = ./collections
+host_key_checking = true
+interpreter_python = auto_silent
+[ssh_connection]
+pipelining = true
+ssh_args = -o ControlMaster=auto -o ControlPersist=60s
+"""
+PROJECT_PLAYBOOK = """\
+---
+- name: Deploy our WebSocket fleet with the kit
+  ansible.builtin.import_playbook: wsfleet.fleet.site
+"""
+
+
+def test_the_collection_deploys_from_a_project_of_its_own(
+    fleet: Fleet, deployed: object, tmp_path: Path
+) -> None:
+    """The kit built as a collection (galaxy.yml) holds what a deploy needs and nothing of
+    its own development; installed into a project with its own inventory and playbook, that
+    playbook runs the collection's roles by FQCN to the fleet site.yml converged (no host
+    changes) and a second run changes nothing at all; ansible-doc documents its roles."""
+    venv = REPO / ".venv" / "bin"
+    dist, project = tmp_path / "dist", tmp_path / "project"
+    subprocess.run(
+        [venv / "ansible-galaxy", "collection", "build", "--output-path", dist, REPO],
+        check=True, capture_output=True, text=True,
+    )  # fmt: skip
+    (tarball,) = dist.glob("wsfleet-fleet-*.tar.gz")
+    with tarfile.open(tarball) as archive:
+        tops = {name.split("/", 1)[0] for name in archive.getnames()}
+    assert {"app", "roles", "playbooks", "templates", "pyproject.toml", "meta"} <= tops
+    assert not tops & {"tests", "localfleet", "bench", "inventories", ".fleet", "Makefile"}
+    # --no-deps: community.crypto and ansible.posix come with the pinned ansible package.
+    subprocess.run(
+        [venv / "ansible-galaxy", "collection", "install", "--no-deps",
+         "-p", project / "collections", tarball],
+        check=True, capture_output=True, text=True,
+    )  # fmt: skip
+    shutil.copytree(INVENTORY.parent, project / "inventory")
+    (project / "ansible.cfg").write_text(PROJECT_CFG)
+    (project / "fleet.yml").write_text(PROJECT_PLAYBOOK)
+
+    first = ansible_playbook("fleet.yml", project=project)
+    assert "TASK [wsfleet.fleet.app : " in first.stdout, "the roles ran by another name"
+    hosts = {h.name for h in fleet.app_servers}
+    # The collection builds its release in a folder of its own: only the controller's
+    # build steps (delegated, counted on the first host) may change.
+    built = [line for line in first.stdout.splitlines() if line.startswith("changed: [")]
+    assert all("-> localhost]" in line for line in built), built
+    second = parse_recap(ansible_playbook("fleet.yml", project=project).stdout)
+    assert {name: counts["changed"] for name, counts in second.items()} == dict.fromkeys(hosts, 0)
+
+    doc = subprocess.run(
+        [venv / "ansible-doc", "-t", "role", "wsfleet.fleet.app"], cwd=project,
+        check=True, capture_output=True, text=True,
+    )  # fmt: skip
+    assert "app_instances" in doc.stdout
+    assert "app_handler" in doc.stdout
 
 
 @pytest.mark.parametrize("index", [0, 1, 2])
