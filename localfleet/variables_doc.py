@@ -59,8 +59,10 @@ def _cell(text: str) -> str:
 
 
 def _prose(text: str) -> str:
-    """Spec text as Markdown: code spans kept, and outside them the characters Markdown
-    would read as HTML or emphasis escaped (``<port>``, ``*``)."""
+    """Spec text as Markdown: Ansible's markup for code (``C(x)``, ``V(x)``, ``O(x)``) as
+    code spans, code spans kept, and outside them the characters Markdown would read as
+    HTML or emphasis escaped (``<port>``, ``*``)."""
+    text = re.sub(r"\b[CVO]\(([^()`]*)\)", r"`\1`", text)
     parts = re.split(r"(`+[^`]*`+)", text)
     for i in range(0, len(parts), 2):
         parts[i] = re.sub(r"([\\<>*])", r"\\\1", parts[i])
