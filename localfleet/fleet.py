@@ -108,8 +108,8 @@ def up(hosts: int = 3, lb: bool = False, releases: Sequence[str] = MIX) -> Fleet
 
 
 def wrong_release(host: FleetHost) -> bool:
-    """Whether the host's overlay lies over another release's image than the plan's (or
-    over the one image of before there was one per release: it has no release file)."""
+    """Whether the host's overlay lies over another release's image than the plan's, or
+    over an image of unknown release (an overlay without a release file)."""
     try:
         return host.release_file.read_text().strip() != host.release
     except OSError:

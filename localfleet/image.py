@@ -139,8 +139,8 @@ def build_image(release: str) -> None:
 def build_images(releases: Sequence[str]) -> None:
     """Build the images of these releases that are missing or stale, side by side."""
     wanted = sorted(set(releases))
-    # The single Debian 12 image of before (.fleet/image): no host boots from it any more
-    # (``up`` has stopped the hosts without a release), and it holds 300 MB.
+    # .fleet/image, a release-less image no host boots from (``up`` stops the hosts of
+    # unknown release), would only hold its 300 MB.
     shutil.rmtree(SHARED_STATE / "image", ignore_errors=True)
     IMAGES.mkdir(parents=True, exist_ok=True)
     # The fleets of a checkout share its images: one builds them while the others wait,
