@@ -84,7 +84,9 @@ def test_the_bus_secrets_are_not_readable_or_printed(fleet: Fleet, deployed: obj
     assert len(token) >= 32
     config = "sha256sum /etc/nats-server.conf /etc/wsapp/secrets.env"
     before = on_host(host, config)
-    run = ansible_playbook("site.yml", "--check", "--diff", "-e", "bus_max_payload=1114113")
+    run = ansible_playbook(
+        "site.yml", "--limit", host.name, "--check", "--diff", "-e", "bus_max_payload=1114113"
+    )
     task = run.stdout.split("TASK [bus : Write the server's configuration]", 1)[1]
     assert f"changed: [{host.name}]" in task.split("TASK [", 1)[0], run.stdout[-3000:]
     assert token not in run.stdout

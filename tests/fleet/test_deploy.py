@@ -160,10 +160,13 @@ def test_every_instance_serves(fleet: Fleet, deployed: object) -> None:
 
 
 def test_check_diff_shows_a_change_and_changes_nothing(fleet: Fleet, deployed: object) -> None:
-    """A changed variable under --check --diff is shown as a diff and not applied."""
+    """A changed variable under --check --diff is shown as a diff and not applied (on the
+    host looked at: the run is limited to it)."""
     host = fleet.app_servers[0]
     before = on_host(host, "cat /etc/wsapp/wsapp.env")
-    result = ansible_playbook("site.yml", "--check", "--diff", "-e", "app_max_size=2097152")
+    result = ansible_playbook(
+        "site.yml", "--limit", host.name, "--check", "--diff", "-e", "app_max_size=2097152"
+    )
     assert "-APP_MAX_SIZE=1048576" in result.stdout
     assert "+APP_MAX_SIZE=2097152" in result.stdout
     assert on_host(host, "cat /etc/wsapp/wsapp.env") == before
@@ -319,14 +322,15 @@ def test_certificate_not_matching_its_key_fails_first(
 def test_config_nginx_rejects_leaves_the_old_one_serving(
     fleet: Fleet, deployed: object, extra: str, says: str
 ) -> None:
-    """A variable nginx rejects fails the play; the live config and nginx are untouched."""
+    """A variable nginx rejects fails the play; the live config and nginx are untouched (on
+    the host looked at: the run is limited to it)."""
     host = fleet.app_servers[0]
     state = (
         "sha256sum /etc/nginx/sites-available/wsfleet.conf /etc/nginx/nginx.conf;"
         " systemctl show -p MainPID nginx; nginx -t -q && echo config ok"
     )
     before = on_host(host, state)
-    result = ansible_playbook("site.yml", "-e", extra, check=False)
+    result = ansible_playbook("site.yml", "--limit", host.name, "-e", extra, check=False)
     assert result.returncode != 0
     assert says in result.stdout
     assert on_host(host, state) == before

@@ -276,15 +276,17 @@ def test_a_trickling_handshake_is_cut_by_a_timeout(
 
 @pytest.fixture
 def restricted(fleet: localfleet.Fleet, deployed: object) -> Iterator[localfleet.FleetHost]:
-    """The fleet redeployed with 5 connections per client and one allowed origin; then back."""
+    """The first host redeployed with 5 connections per client and one allowed origin;
+    then back."""
+    host = fleet.app_servers[0]
     extra = json.dumps(
         {"nginx_limit_conn_per_ip": 5, "app_allowed_origins": ["https://good.example"]}
     )
-    ansible_playbook("site.yml", "-e", extra)
+    ansible_playbook("site.yml", "--limit", host.name, "-e", extra)
     try:
-        yield fleet.app_servers[0]
+        yield host
     finally:
-        ansible_playbook("site.yml")
+        ansible_playbook("site.yml", "--limit", host.name)
 
 
 def test_limits_refuse_without_disturbing_others(restricted: localfleet.FleetHost) -> None:
