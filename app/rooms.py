@@ -134,6 +134,12 @@ class _Member:
     """While its history is replayed: the live messages held back (id, data, text)."""
 
 
+def _live_from(member: _Member, seq: int) -> bool:
+    """Whether the live messages held back for ``member`` start at or before ``seq``."""
+    held = member.catching_up or []
+    return any(held_id is not None and held_id <= seq for held_id, _, _ in held)
+
+
 def _message_event(seq: int) -> bytes:
     return json.dumps({"type": "message", "id": seq}).encode()
 # After this long without a word from the bus task, the stop goes on without it.
@@ -584,8 +590,16 @@ class Rooms:
                 complete = since == 0 or await self._still_stored(since, room)
                 subject = self._history_subject(room)
                 try:
-                    while (stored := await self._stored_after(subject, last)) is not None:
+                    # Up to the first message the subscription brought: from there on the
+                    # live stream has it (held, sent below). Reading on would chase the
+                    # stream's end one read at a time, holding the live messages back for
+                    # as long as the room is busier than the reads are fast.
+                    while not _live_from(member, last + 1) and (
+                        stored := await self._stored_after(subject, last)
+                    ) is not None:
                         seq, data, text = stored
+                        if _live_from(member, seq):
+                            break
                         if member.ids:
                             await ws.send(_message_event(seq))
                         await ws.send(data, text=text)

@@ -227,3 +227,57 @@ def test_a_room_gone_quiet_gets_what_its_process_missed_meanwhile(
 
     asyncio.run(scenario())
     apps[1].wait_for_line(r"event=room_behind", timeout=5)
+
+
+def test_a_resume_replays_up_to_the_live_stream_not_after_it(
+    start_app: StartApp, nats_cluster: NatsCluster
+) -> None:
+    """Back after 3000 messages while the room goes on: the replay stops where the live
+    stream took over. What comes live meanwhile is not read back too (a replay that chased
+    the stream's end one read at a time would hold the member's live messages back for as
+    long as the room is busier than the reads are fast); nothing is missed or doubled."""
+    servers = nats_cluster(3, token=TOKEN, jetstream=True)
+    apps = [start_chat(start_app, server) for server in servers]
+    backlog = [f"m{n}" for n in range(3000)]
+    going_on = [f"live{n}" for n in range(300)]
+    sent: list[str] = []
+
+    async def publisher() -> None:
+        async with connect(f"{apps[1].url}/ws/busy") as ws:
+            reader = asyncio.create_task(_read_all(ws))
+            for text in going_on:
+                await ws.send(text)
+                sent.append(text)
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.3)
+        await reader
+
+    async def scenario() -> None:
+        watcher = await Client.join(apps[0], "busy")
+        leaver = await Client.join(apps[0], "busy")
+        await publish(apps[1], "busy", ["first"])
+        await leaver.wait(lambda: len(leaver.received) == 1, "the first message")
+        seen = leaver.last_id
+        await leaver.close()
+        await publish(apps[1], "busy", backlog)
+        # Stored whole (its sender's process takes them one at a time) before the rest.
+        await watcher.wait(lambda: len(watcher.received) == 3001, "the backlog stored", 60)
+        live = asyncio.create_task(publisher())
+        await asyncio.sleep(0.2)  # the room busy when the member comes back
+        ws = await connect(f"{apps[2].url}/ws/busy?events=1&since={seen}")
+        sent_at_join = len(sent)
+        back = Client(ws)
+        await live
+        await back.wait(lambda: len(back.received) == 3300, "every message", 60)
+        await back.wait(lambda: back.resumed is not None, "the resumed event")
+        assert back.texts() == backlog + going_on
+        ids = [number for number, _ in back.received]
+        assert ids == sorted(set(ids))
+        assert back.resumed is not None
+        # The backlog, and what was stored before the process subscribed for the member
+        # (sent before the handshake, or within the moment after it); the rest came live.
+        assert 3000 <= back.resumed["restored"] <= 3000 + sent_at_join + 30, (
+            back.resumed, sent_at_join)
+        await asyncio.gather(back.close(), watcher.close())
+
+    asyncio.run(scenario())
