@@ -36,6 +36,7 @@ from websockets.frames import DATA_OPCODES, CloseCode, Frame
 from websockets.http11 import Request, Response
 from websockets.protocol import Event
 from websockets.server import ServerProtocol
+from websockets.typing import Origin
 
 from app import rooms, systemd
 from app.bus import redact
@@ -256,18 +257,22 @@ class Server:
         if self.at_capacity():
             return HTTPStatus.SERVICE_UNAVAILABLE, "at capacity"
         origin = request.headers.get("Origin")
-        # A missing Origin is a non-browser client, which no browser policy protects.
-        if origin is not None and not self._origin_allowed(origin, request):
+        # Listed origins are websockets' own check (serve(origins=...), in run()). With
+        # none listed, a browser's page must be of the host the handshake is sent to. A
+        # missing Origin is a non-browser client, which no browser policy protects.
+        if (
+            not self.settings.allowed_origins
+            and origin is not None
+            and not self._same_host(origin, request)
+        ):
             return HTTPStatus.FORBIDDEN, "origin not allowed"
         return None
 
-    def _origin_allowed(self, origin: str, request: Request) -> bool:
-        """A browser's handshake: from a listed origin (``allowed_origins``), or, with none
-        listed, from a page of the host it is sent to (the Origin's host is the Host
-        header's, as nginx passes it on). A page elsewhere cannot open a socket with its
-        visitors' cookies (cross-site WebSocket hijacking)."""
-        if self.settings.allowed_origins:
-            return origin in self.settings.allowed_origins
+    @staticmethod
+    def _same_host(origin: str, request: Request) -> bool:
+        """Whether the page that sends the handshake is of the host it is sent to (the
+        Origin's host is the Host header's, as nginx passes it on): a page elsewhere cannot
+        open a socket with its visitors' cookies (cross-site WebSocket hijacking)."""
         hosts = request.headers.get_all("Host")
         try:
             page = urlsplit(origin).hostname
@@ -279,9 +284,15 @@ class Server:
     def process_response(
         self, connection: ServerConnection, request: Request, response: Response
     ) -> None:
-        """Count an accepted handshake (refusals are counted in :meth:`process_request`)."""
+        """Count an accepted handshake, and one websockets refused for an Origin not
+        listed (the others refused are counted in :meth:`process_request`, which refuses
+        none with 403 while origins are listed; every response comes here)."""
         if response.status_code == HTTPStatus.SWITCHING_PROTOCOLS:
             self.metrics.handshakes.labels("accepted").inc()
+        elif response.status_code == HTTPStatus.FORBIDDEN and self.settings.allowed_origins:
+            self.metrics.handshakes.labels("refused").inc()
+            self._log("handshake_refused", connection, request,
+                      status=HTTPStatus.FORBIDDEN.value, reason="origin not allowed")  # fmt: skip
 
     # --- connections --------------------------------------------------------------------
 
@@ -389,6 +400,7 @@ class Server:
                 ping_interval=settings.ping_interval,
                 ping_timeout=settings.ping_timeout,
                 create_connection=self.connection_class(),
+                origins=[Origin(origin) for origin in settings.allowed_origins] or None,
                 server_header=None,
                 **options,
             )

@@ -256,6 +256,7 @@ def test_by_default_only_pages_of_the_host_itself_may_connect(start_app: StartAp
     for foreign in ("https://evil.example", "null", "https://chat.example.evil.example"):
         assert status(foreign) == 403, foreign
     assert status(None) == 101
+    assert 'wsapp_handshakes_total{result="refused"} 3.0' in http_get(app.http + "/metrics")[1]
 
 
 def test_capacity_refuses_with_503_and_readyz_says_so(start_app: StartApp) -> None:
