@@ -15,6 +15,7 @@ from localfleet.ansible import ansible_playbook
 from localfleet.image import RELEASES
 from localfleet.instances import instance_get
 from tests.fleet.load import LONG_LIVED_PER_HOST, assert_no_failures, load_on, summary
+from tests.fleet.releases import ONE_THEN_THE_REST
 
 
 def versions(fleet: localfleet.Fleet) -> dict[str, set[str]]:
@@ -53,4 +54,7 @@ def test_a_release_under_load_fails_no_connection(
         print(f"\nrelease under load: {summary(load)}")
     finally:
         # Each host's previous release is the session's once the run went through.
-        ansible_playbook("playbooks/rollback.yml" if released else "site.yml")
+        if released:
+            ansible_playbook("playbooks/rollback.yml", *ONE_THEN_THE_REST)
+        else:
+            ansible_playbook("site.yml")

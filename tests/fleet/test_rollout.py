@@ -20,6 +20,7 @@ from localfleet.ansible import ansible_playbook
 from localfleet.image import RELEASES
 from tests.fleet.history import assert_nothing_lost, reference_order, room_traffic
 from tests.fleet.load import assert_no_failures, load_on, summary
+from tests.fleet.releases import ONE_THEN_THE_REST
 from tests.fleet.test_browser import chromium
 from tests.fleet.test_bus import spans_the_fleet
 from tests.fleet.test_release_under_load import versions
@@ -92,7 +93,9 @@ def rolled_out(fleet: localfleet.Fleet, deployed: object) -> Iterator[RolledOut]
         with load_on(addresses) as load, room_traffic(addresses, "history") as traffic:
             fault = threading.Timer(5, kill_unit, (bookworm, "nats-server.service"))
             fault.start()
-            result = ansible_playbook("playbooks/rollout.yml", "-e", "app_version=2.0.0")
+            result = ansible_playbook(
+                "playbooks/rollout.yml", *ONE_THEN_THE_REST, "-e", "app_version=2.0.0"
+            )
             fault.join()
         expected = len(reference_order(traffic))
         pages = [shown(browser, expected) for browser in browsers]
@@ -193,7 +196,7 @@ def test_a_broken_release_stops_at_the_first_batch(
     first, *others = fleet.app_servers
     with load_on([h.address for h in fleet.app_servers]) as load:
         result = ansible_playbook(
-            "playbooks/rollout.yml", "-e", "app_version=3.0.0-broken",
+            "playbooks/rollout.yml", *ONE_THEN_THE_REST, "-e", "app_version=3.0.0-broken",
             "-e", '{"app_env": {"APP_PING_INTERVAL": "-5"}}', check=False,
         )  # fmt: skip
     print(f"\nbroken rollout under load: {summary(load)}")
@@ -216,7 +219,7 @@ def test_rollback_under_load_returns_to_the_previous_release(
 ) -> None:
     """rollback.yml takes every host back to the release before 2.0.0, failing nothing."""
     with load_on([h.address for h in fleet.app_servers]) as load:
-        result = ansible_playbook("playbooks/rollback.yml")
+        result = ansible_playbook("playbooks/rollback.yml", *ONE_THEN_THE_REST)
     print(f"\nrollback under load: {summary(load)}")
     assert_no_failures(load)
     assert versions(fleet) == {h.name: {"1.0.0"} for h in fleet.app_servers}
