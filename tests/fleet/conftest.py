@@ -14,16 +14,18 @@ bookworm, the third trixie): every test that spans the fleet spans both releases
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 
 import pytest
 
 import localfleet
 from localfleet.ansible import ansible_playbook, failure_summary
-from localfleet.image import MIX
+from localfleet.image import MIX, build_images
 
 # The fleet modules in two groups of about equal time, one per worker of ``make test
 # TEST_WORKERS=2`` (pytest-xdist's loadgroup: a group runs whole on one worker and its
@@ -59,6 +61,34 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 
 KEEP = os.environ.get("WSFLEET_KEEP") == "1"
+
+_images: threading.Thread | None = None
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """With fleet tests to run, build the hosts' images (when missing or stale) in the
+    background while the tests that need no fleet run first: a build mostly waits on the
+    mirror and on dpkg, about 80 s from a clean clone. The fleet fixture's ``up`` then
+    finds them built, or waits on the build's lock (localfleet.image)."""
+    global _images
+    if session.config.option.collectonly or os.geteuid() != 0:
+        return
+    if not any(item.get_closest_marker("fleet") for item in session.items):
+        return
+
+    def build() -> None:
+        # A failure is up()'s to report: it builds again, and stops the session saying why.
+        with contextlib.suppress(Exception):
+            build_images(MIX)
+
+    _images = threading.Thread(target=build, name="images", daemon=True)
+    _images.start()
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """A build still running (the session cut short) finishes before pytest exits."""
+    if _images is not None:
+        _images.join()
 
 
 @pytest.fixture(scope="session")
