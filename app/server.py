@@ -400,7 +400,12 @@ class Server:
                 ping_interval=settings.ping_interval,
                 ping_timeout=settings.ping_timeout,
                 create_connection=self.connection_class(),
-                origins=[Origin(origin) for origin in settings.allowed_origins] or None,
+                # None listed too: a client without an Origin (not a browser) connects.
+                origins=(
+                    [*map(Origin, settings.allowed_origins), None]
+                    if settings.allowed_origins
+                    else None
+                ),
                 server_header=None,
                 **options,
             )

@@ -230,11 +230,13 @@ def test_json_logs_name_the_forwarded_client_only_from_a_trusted_proxy(
 
 
 def test_origin_not_allowed_is_refused_403(start_app: StartApp) -> None:
-    """Only the configured origins may open a connection; others get 403."""
+    """Only the configured origins may open a connection; others get 403; a client
+    without an Origin (not a browser) connects."""
     app = start_app("--allowed-origins", "https://good.example,https://also.example")
     good = asyncio.run(handshake_status(app.url, origin="https://good.example"))
     bad = asyncio.run(handshake_status(app.url, origin="https://evil.example"))
-    assert (good, bad) == (101, 403)
+    none = asyncio.run(handshake_status(app.url))
+    assert (good, bad, none) == (101, 403, 101)
     assert 'wsapp_handshakes_total{result="refused"} 1.0' in http_get(app.http + "/metrics")[1]
 
 
