@@ -27,12 +27,12 @@ def test_a_ready_instance_passes_over_tcp_and_unix(start_app: Callable[..., AppP
     on its unix socket."""
     app = start_app()
     result = ready("--port", str(app.port), "--timeout", "5")
-    assert result.returncode == 0, result.stderr
+    assert result.returncode == 0, result.stdout
     with tempfile.TemporaryDirectory() as folder:
         path = f"{folder}/8001.sock"
         start_app("--unix-socket", path, "--port", "8001")
         result = ready("--port", "8001", "--unix-socket", path, "--timeout", "5")
-        assert result.returncode == 0, result.stderr
+        assert result.returncode == 0, result.stdout
 
 
 def test_nothing_listening_fails_within_the_timeout_saying_what_it_saw() -> None:
@@ -44,7 +44,7 @@ def test_nothing_listening_fails_within_the_timeout_saying_what_it_saw() -> None
     result = ready("--port", str(port), "--timeout", "1")
     assert result.returncode == 1
     assert time.monotonic() - started < 5
-    assert f"port {port}: /readyz not 200 within 1 s: ConnectionRefusedError" in result.stderr
+    assert f"port {port}: /readyz not 200 within 1 s: ConnectionRefusedError" in result.stdout
 
 
 def test_a_draining_instance_is_not_ready(start_app: Callable[..., AppProcess]) -> None:
@@ -58,4 +58,4 @@ def test_a_draining_instance_is_not_ready(start_app: Callable[..., AppProcess]) 
         assert held.recv(1024).startswith(b"HTTP/1.1 101")
         result = ready("--port", str(app.port), "--timeout", "1")
     assert result.returncode == 1
-    assert "/readyz not 200 within 1 s: 503" in result.stderr
+    assert "/readyz not 200 within 1 s: 503" in result.stdout

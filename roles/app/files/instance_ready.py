@@ -7,8 +7,8 @@ release's venv (it needs only the websockets package, which every release has)::
 
 Ready: ``/readyz`` answers 200 (asked every 0.2 s, each try bounded), then the opening
 handshake and a ping answered by a pong, whatever the operator's handler does with
-messages. Exits 0 once both passed; 1, saying what it last saw, when ``--timeout``
-seconds pass first.
+messages. Exits 0 once both passed; 1 when ``--timeout`` seconds pass first, with one
+line on stdout saying what it last saw (the role shows it in the rollout's summary).
 """
 
 from __future__ import annotations
@@ -78,14 +78,14 @@ def main(argv: list[str] | None = None) -> int:
     seen = readyz(args.port, args.unix_socket)
     while not seen.startswith("200 "):
         if time.monotonic() >= deadline:
-            print(f"{name}: /readyz not 200 within {args.timeout:g} s: {seen}", file=sys.stderr)
+            print(f"{name}: /readyz not 200 within {args.timeout:g} s: {seen}")
             return 1
         time.sleep(POLL)
         seen = readyz(args.port, args.unix_socket)
     try:
         round_trip(args.port, args.unix_socket)
     except Exception as error:
-        print(f"{name}: ready, but no WebSocket round trip: {error!r}", file=sys.stderr)
+        print(f"{name}: ready, but no WebSocket round trip: {error!r}")
         return 1
     return 0
 
