@@ -135,9 +135,11 @@ class _Member:
 
 
 def _live_from(member: _Member, seq: int) -> bool:
-    """Whether the live messages held back for ``member`` start at or before ``seq``."""
+    """Whether the live messages held back for ``member`` start at or before ``seq`` (they
+    are held in id order: the first with an id tells)."""
     held = member.catching_up or []
-    return any(held_id is not None and held_id <= seq for held_id, _, _ in held)
+    first = next((held_id for held_id, _, _ in held if held_id is not None), None)
+    return first is not None and first <= seq
 
 
 def _message_event(seq: int) -> bytes:
