@@ -6,8 +6,8 @@ instance)::
 
     import_handler.py MODULE:NAME
 
-Exits non-zero, naming app_handler and the release, when the module does not import or
-the name is missing or not callable.
+Exits non-zero, naming app_handler, when the module does not import (naming the release
+too) or the name is missing or not callable.
 """
 
 from __future__ import annotations
