@@ -14,7 +14,10 @@ from pathlib import Path
 
 from localfleet.settings import FACTS, INVENTORY, REPO
 
-__all__ = ["ansible_playbook", "failure_summary", "inventory_var", "mitogen_env", "parse_recap"]
+__all__ = [
+    "ansible_playbook", "failure_summary", "inventory_var", "mitogen_env", "parse_recap",
+    "playbook_env",
+]  # fmt: skip
 
 # The playbooks that take the deploy lock (roles/deploy_lock).
 LOCKING_PLAYBOOKS = ("site.yml", "rollout.yml", "rollback.yml")
@@ -49,6 +52,15 @@ def mitogen_env() -> dict[str, str]:
     return {"ANSIBLE_STRATEGY_PLUGINS": plugins, "ANSIBLE_STRATEGY": "mitogen_linear"}
 
 
+def playbook_env(mitogen: bool = True) -> dict[str, str]:
+    """The environment of the tests' playbook runs: the fact cache, no colours, and
+    Mitogen's strategy when WSFLEET_MITOGEN=1 unless ``mitogen`` is False."""
+    env = {**FACT_CACHE, **os.environ, "ANSIBLE_NOCOLOR": "1", "ANSIBLE_FORCE_COLOR": "0"}
+    if mitogen:
+        env.update(mitogen_env())
+    return env
+
+
 def ansible_playbook(
     *args: str, check: bool = True, mitogen: bool = True, project: Path | None = None
 ) -> subprocess.CompletedProcess[str]:
@@ -62,9 +74,7 @@ def ansible_playbook(
         project: run from this folder instead, an operator's project of its own (its
             ansible.cfg, its playbooks) with its inventory in ``<project>/inventory``.
     """
-    env = {**FACT_CACHE, **os.environ, "ANSIBLE_NOCOLOR": "1", "ANSIBLE_FORCE_COLOR": "0"}
-    if mitogen:
-        env.update(mitogen_env())
+    env = playbook_env(mitogen=mitogen)
     inventory = project / "inventory" if project else INVENTORY.parent
     command = [str(REPO / ".venv" / "bin" / "ansible-playbook"), "-i", str(inventory)]
     started = time.monotonic()

@@ -18,7 +18,7 @@ import pytest
 from websockets.asyncio.client import connect
 
 import localfleet
-from localfleet.ansible import ansible_playbook, parse_recap
+from localfleet.ansible import ansible_playbook, parse_recap, playbook_env
 from localfleet.demo import ca_file
 from localfleet.settings import INVENTORY, REPO
 from tests.fleet.test_deploy import active_instances, on_host
@@ -30,8 +30,9 @@ HELD = "is locked by another run"
 
 
 def start_playbook(*args: str) -> subprocess.Popen[str]:
-    """ansible-playbook in the background, in its own process group (to kill it whole)."""
-    env = {**os.environ, "ANSIBLE_NOCOLOR": "1", "ANSIBLE_FORCE_COLOR": "0"}
+    """ansible-playbook in the background, in its own process group (to kill it whole),
+    with the environment of the session's other runs (localfleet.ansible)."""
+    env = playbook_env()
     return subprocess.Popen(
         [str(REPO / ".venv" / "bin" / "ansible-playbook"), "-i", str(INVENTORY.parent), *args],
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
