@@ -98,13 +98,13 @@ test-fleet: apt-deps venv
 
 # One pytest run, so its closing line counts every test; the fleet fixtures bring the
 # hosts up for the session and take them down at its end (also when a test fails).
-# TEST_WORKERS=2 (pytest-xdist): two processes, each with a fleet of its own
-# (tests/conftest.py) for its group of fleet modules (tests/fleet/conftest.py). One by
-# default: on 2 cores the fleet tests are CPU-bound and two fleets took longer than one
-# (docs/testing.md, Two workers).
-TEST_WORKERS ?= 0
+# Two workers (pytest-xdist), each with a fleet of its own (tests/conftest.py), taking
+# whole modules in the order tests/fleet/conftest.py gives (loadfile, not reordered): a
+# playbook run keeps about one core busy, so two fleets share the 2 cores' time
+# (docs/testing.md, Two workers). TEST_WORKERS=0: one process, one fleet.
+TEST_WORKERS ?= 2
 test: apt-deps venv lint
-	$(BIN)/pytest -n $(TEST_WORKERS) --dist loadgroup
+	$(BIN)/pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 $(BIN)/.bench-installed: requirements/bench.txt $(BIN)/.installed
 	$(BIN)/$(PIP_INSTALL) -r requirements/bench.txt

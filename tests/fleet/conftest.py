@@ -4,8 +4,8 @@ The fleet comes up once per session and is taken down at its end, leaving the ma
 it was (the teardown checks that nothing of it is left), unless WSFLEET_KEEP=1 (``make
 test-fleet``): then a running fleet is used as it is and stays up for the next run. A fleet
 that cannot come up, or a first deploy that fails, stops the session with one line saying
-why, instead of an error for every fleet test. Under ``make test TEST_WORKERS=2`` each
-worker has a fleet of its own (tests/conftest.py) for its group of modules (GROUPS below).
+why, instead of an error for every fleet test. Under ``make test`` each of its two workers
+has a fleet of its own (tests/conftest.py) and takes whole modules (ORDER below).
 
 It is a mixed fleet, Debian 13 and Debian 12 in turn (the first host trixie, the second
 bookworm, the third trixie): every test that spans the fleet spans both releases, and
@@ -27,36 +27,47 @@ import localfleet
 from localfleet.ansible import ansible_playbook, failure_summary
 from localfleet.image import MIX, build_images
 
-# The fleet modules in two groups of about equal time, one per worker of ``make test
-# TEST_WORKERS=2`` (pytest-xdist's loadgroup: a group runs whole on one worker and its
-# fleet, test_fleet.py first, then in the order of one process's session). Each module
-# restores what it changes, so a module runs the same in either group.
-GROUPS = {
-    "fleet-a": ("test_fleet.py", "test_browser.py", "test_deploy.py",
-                "test_release_under_load.py", "test_rollout.py"),
-    "fleet-b": ("test_bus.py", "test_loadbalancer.py", "test_nginx_ops.py", "test_operations.py",
-                "test_security.py", "test_unix.py"),
-}  # fmt: skip
-_GROUP_OF = {module: group for group, modules in GROUPS.items() for module in modules}
+# The fleet modules, longest first (their minutes in one process on 2 cores, measured with
+# pytest --durations and the playbook log: docs/testing.md). Under ``make test`` two
+# workers take whole modules in this order (pytest-xdist's loadfile, not reordered), each
+# on a fleet of its own, the next module going to whichever finishes first: longest first
+# leaves short modules to even out the end. Each module restores what it changes, so a
+# module runs the same on either fleet and after any other. test_fleet.py is not here: it
+# reboots hosts, so it goes before every deploy.
+ORDER = (
+    "test_deploy.py",  # ~9 min: the first deploy, idempotence, the collection, bad variables
+    "test_rollout.py",  # ~4
+    "test_nginx_ops.py",  # ~3
+    "test_unix.py",  # ~3
+    "test_loadbalancer.py",  # ~3
+    "test_operations.py",  # ~3
+    "test_security.py",  # ~2
+    "test_release_under_load.py",  # ~1.5
+    "test_bus.py",  # ~1
+    "test_browser.py",  # ~1
+)
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups off the marks
+@pytest.hookimpl(tryfirst=True)  # before -m selects on the marks
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Mark every test under tests/fleet as a fleet test of its group. The tests that need
-    no fleet go first (a fleet that fails to come up stops the session), then the fleet's own
-    tests: those reboot a host, so they run before anything is deployed on it."""
+    """Mark every test under tests/fleet as a fleet test. The tests that need no fleet go
+    first (a fleet that fails to come up stops the session), then the fleet's own tests
+    (they reboot a host, so they run before anything is deployed on it), then the modules
+    in ORDER."""
 
-    def rank(item: pytest.Item) -> int:
+    def rank(item: pytest.Item) -> tuple[int, int]:
         if "/tests/fleet/" not in str(item.path):
-            return 0
-        return 1 if item.path.name == "test_fleet.py" else 2
+            return (0, 0)
+        if item.path.name == "test_fleet.py":
+            return (1, 0)
+        return (2, ORDER.index(item.path.name))
 
     for item in items:
         if "/tests/fleet/" in str(item.path):
-            group = _GROUP_OF.get(item.path.name)
-            assert group, f"{item.path.name}: a fleet module in no group of GROUPS"
+            assert item.path.name == "test_fleet.py" or item.path.name in ORDER, (
+                f"{item.path.name}: a fleet module missing from ORDER"
+            )
             item.add_marker(pytest.mark.fleet)
-            item.add_marker(pytest.mark.xdist_group(group))
     items.sort(key=rank)
 
 
