@@ -351,7 +351,10 @@ class Rooms:
         self, name: str, ws: ServerConnection, since: int | None, ids: bool
     ) -> AsyncIterator[Room]:
         room = self._enter(name, ws)
-        room._members[ws] = _Member(ids=ids)
+        # A member coming back has its live messages held from the moment it is in the
+        # room, not only once its replay starts: the anchor below may wait on the bus, and
+        # a message delivered meanwhile would reach it before the replay sent it again.
+        room._members[ws] = _Member(ids=ids, catching_up=None if since is None else [])
         try:
             await self._anchor(room)
             if since is not None:
@@ -580,7 +583,8 @@ class Rooms:
     async def _resume(self, room: Room, ws: ServerConnection, since: int) -> None:
         """Replay to ``ws`` the room's messages after ``since``, then let the live ones on."""
         member = room._members[ws]
-        member.catching_up = []
+        if member.catching_up is None:
+            member.catching_up = []
         restored, complete, last = 0, False, since
         try:
             bus = self._bus
