@@ -101,7 +101,7 @@ test-fleet: apt-deps venv
 # TEST_WORKERS=2 (pytest-xdist): two processes, each with a fleet of its own
 # (tests/conftest.py), taking whole modules in the order tests/fleet/conftest.py gives
 # (loadfile, not reordered). One by default: on 2 cores two fleets finished in 20 minutes
-# instead of 29, but their contention broke the timing bounds some tests assert
+# instead of 24, but their contention broke the timing bounds some tests assert
 # (docs/testing.md, Two workers).
 TEST_WORKERS ?= 0
 test: apt-deps venv lint
