@@ -1,6 +1,6 @@
 """The test session's workers each bring up a local fleet of their own.
 
-``make test`` runs pytest in two workers (pytest-xdist, TEST_WORKERS): ``gwN`` uses fleet
+``make test TEST_WORKERS=2`` runs pytest in two workers (pytest-xdist): ``gwN`` uses fleet
 ``WSFLEET_FLEET + N`` (its own bridge, subnet, host names and state: localfleet.settings),
 so that the fleet modules each worker takes (tests/fleet/conftest.py) run beside the
 other's. Set here, before anything imports localfleet, which reads it once.

@@ -4,8 +4,8 @@ The fleet comes up once per session and is taken down at its end, leaving the ma
 it was (the teardown checks that nothing of it is left), unless WSFLEET_KEEP=1 (``make
 test-fleet``): then a running fleet is used as it is and stays up for the next run. A fleet
 that cannot come up, or a first deploy that fails, stops the session with one line saying
-why, instead of an error for every fleet test. Under ``make test`` each of its two workers
-has a fleet of its own (tests/conftest.py) and takes whole modules (ORDER below).
+why, instead of an error for every fleet test. Under ``make test TEST_WORKERS=2`` each
+worker has a fleet of its own (tests/conftest.py) and takes whole modules (ORDER below).
 
 It is a mixed fleet, Debian 13 and Debian 12 in turn (the first host trixie, the second
 bookworm, the third trixie): every test that spans the fleet spans both releases, and
@@ -27,13 +27,13 @@ import localfleet
 from localfleet.ansible import ansible_playbook, failure_summary
 from localfleet.image import MIX, build_images
 
-# The fleet modules, longest first (their minutes in one process on 2 cores, measured with
-# pytest --durations and the playbook log: docs/testing.md). Under ``make test`` two
-# workers take whole modules in this order (pytest-xdist's loadfile, not reordered), each
-# on a fleet of its own, the next module going to whichever finishes first: longest first
-# leaves short modules to even out the end. Each module restores what it changes, so a
-# module runs the same on either fleet and after any other. test_fleet.py is not here: it
-# reboots hosts, so it goes before every deploy.
+# The fleet modules, longest first (roughly their minutes in one process on 2 cores, from
+# pytest --durations and the playbook log: docs/testing.md). Under ``make test
+# TEST_WORKERS=2`` the two workers take whole modules in this order (pytest-xdist's
+# loadfile, not reordered), each on a fleet of its own, the next module going to whichever
+# finishes first: longest first leaves short modules to even out the end. Each module
+# restores what it changes, so a module runs the same on either fleet and after any other.
+# test_fleet.py is not here: it reboots hosts, so it goes before every deploy.
 ORDER = (
     "test_deploy.py",  # ~9 min: the first deploy, idempotence, the collection, bad variables
     "test_rollout.py",  # ~4
