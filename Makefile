@@ -13,9 +13,11 @@ INVENTORY := inventories/demo
 # What the controller needs from Debian: the fleet (systemd-nspawn, debootstrap, SSH),
 # nginx, nats-server and systemd-analyze for the template checks and the app's room
 # tests, Chromium for the browser test, prometheus for promtool (the alert rules' checks;
-# Debian ships promtool in no smaller package).
+# Debian ships promtool in no smaller package), pebble for the ACME tests (Let's Encrypt's
+# test CA, with its DNS server).
 APT_PACKAGES := systemd-container debootstrap iproute2 openssh-client util-linux \
-	nginx nats-server curl ca-certificates chromium chromium-driver libnss3-tools prometheus
+	nginx nats-server curl ca-certificates chromium chromium-driver libnss3-tools prometheus \
+	pebble
 
 .PHONY: help apt-deps venv lint sanity check test test-unit test-fleet demo demo-down fleet-up fleet-status status bench clean
 

@@ -20,7 +20,7 @@ __all__ = [
 ]  # fmt: skip
 
 # The playbooks that take the deploy lock (roles/deploy_lock).
-LOCKING_PLAYBOOKS = ("site.yml", "rollout.yml", "rollback.yml")
+LOCKING_PLAYBOOKS = ("site.yml", "rollout.yml", "rollback.yml", "renew.yml")
 
 # The hosts' facts gathered once per fleet and kept between the runs (Ansible's "smart"
 # gathering with a JSON cache): about 2 s less per playbook, seventy times a session. What

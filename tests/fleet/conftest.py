@@ -42,6 +42,7 @@ ORDER = (
     "test_loadbalancer.py",  # ~3
     "test_operations.py",  # ~3
     "test_security.py",  # ~2
+    "test_acme.py",  # ~1.5
     "test_release_under_load.py",  # ~1.5
     "test_bus.py",  # ~1
     "test_browser.py",  # ~1

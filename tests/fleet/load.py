@@ -24,6 +24,8 @@ from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 from websockets.exceptions import ConnectionClosed
 
@@ -49,7 +51,8 @@ class Load:
 
 
 async def long_lived(
-    address: str, name: str, context: ssl.SSLContext | None, load: Load, stop: asyncio.Event
+    address: str, name: str, context: ssl.SSLContext | None, load: Load, stop: asyncio.Event,
+    **options: Any,
 ) -> None:
     """Send a numbered message every 0.3 s; after a 1001/1012 close, reconnect and resend."""
     pending: str | None = None
@@ -59,7 +62,7 @@ async def long_lived(
     while not stop.is_set():
         started = time.monotonic()
         ws = await open_counted(f"wss://{address}/ws/{name}", context, load.handshakes, name,
-                                open_timeout=10)  # fmt: skip
+                                open_timeout=10, **options)  # fmt: skip
         if ws is None:
             await asyncio.sleep(0.5)
             continue
@@ -95,7 +98,8 @@ async def long_lived(
 
 
 async def new_connections(
-    addresses: list[str], context: ssl.SSLContext | None, load: Load, stop: asyncio.Event
+    addresses: list[str], context: ssl.SSLContext | None, load: Load, stop: asyncio.Event,
+    **options: Any,
 ) -> None:
     """Open a fresh connection NEW_PER_SECOND times a second, round robin over the hosts."""
 
@@ -104,7 +108,8 @@ async def new_connections(
         # before its reply, like every other: the client sends again on a new one, once.
         for attempt in range(2):
             ws = await open_counted(f"wss://{address}/ws/new-{number}", context,
-                                    load.handshakes, f"new {address}", open_timeout=10)  # fmt: skip
+                                    load.handshakes, f"new {address}", open_timeout=10,
+                                    **options)  # fmt: skip
             if ws is None:
                 return
             try:
@@ -136,18 +141,24 @@ async def new_connections(
 
 
 @contextmanager
-def load_on(addresses: list[str]) -> Iterator[Load]:
-    """Keep the load running on the hosts for the duration of the with block."""
+def load_on(
+    addresses: list[str], ca: Path | None = None, server_name: str | None = None
+) -> Iterator[Load]:
+    """Keep the load running on the hosts for the duration of the with block, verifying
+    them against ``ca`` (the private CA's by default) for ``server_name`` (their address)."""
     load = Load()
+    options = {"server_hostname": server_name} if server_name else {}
 
     async def scenario(stopping: asyncio.Event, ready: threading.Event) -> None:
-        context = client_context(ca_file())
+        context = client_context(ca or ca_file())
         clients = [
-            asyncio.create_task(long_lived(address, f"{i}-{n}", context, load, stopping))
+            asyncio.create_task(
+                long_lived(address, f"{i}-{n}", context, load, stopping, **options)
+            )
             for i, address in enumerate(addresses)
             for n in range(LONG_LIVED_PER_HOST)
         ]
-        opener = asyncio.create_task(new_connections(addresses, context, load, stopping))
+        opener = asyncio.create_task(new_connections(addresses, context, load, stopping, **options))
         while load.handshakes.done < len(clients):  # noqa: ASYNC110 - a count, not an event
             await asyncio.sleep(0.1)
         ready.set()

@@ -64,6 +64,8 @@ def render(template: str, variables: dict[str, Any]) -> str:
         trim_blocks=True,
     )  # fmt: skip
     env.filters.update(FilterModule().filters())
+    # Ansible's default filter knows its own undefined values only; jinja2's knows these.
+    env.filters["default"] = env.filters["d"] = jinja2.filters.do_default
     env.tests.update(AnsibleTests().tests())
     # Values that are themselves templates (e.g. app_limit_nofile) are rendered first,
     # as often as one refers to another.
@@ -120,6 +122,20 @@ def nginx_check(
         ["nginx", "-t", "-c", str(prefix / "nginx.conf")],
         capture_output=True, text=True, check=False,
     )  # fmt: skip
+
+
+def test_acme_challenges_only_with_an_acme_ca(nginx_prefix: Path) -> None:
+    """No challenge path by default; with the tls role's folder, nginx -t takes it, served
+    on port 80 ahead of the redirect to HTTPS."""
+    assert nginx_check(nginx_prefix).returncode == 0
+    site = nginx_prefix / "sites-enabled" / "wsfleet.conf"
+    assert "acme-challenge" not in site.read_text()
+    result = nginx_check(nginx_prefix, tls_served_challenges="/var/lib/wsfleet/acme-challenge")
+    assert result.returncode == 0, result.stderr
+    plain = site.read_text().split("server {")[1]  # the port-80 server, before the TLS one
+    challenge = plain.index("location ^~ /.well-known/acme-challenge/ {")
+    assert "alias /var/lib/wsfleet/acme-challenge/;" in plain
+    assert challenge < plain.index("return 301 https://")
 
 
 @pytest.mark.parametrize("profile", ["intermediate", "modern"])
