@@ -105,8 +105,15 @@ test-fleet: apt-deps venv
 # (loadfile, not reordered). One by default: on 2 cores two fleets finished in 20 minutes
 # instead of 24, but their contention broke the timing bounds some tests assert
 # (docs/testing.md, Two workers).
+# The hosts' images (about 80 s from a clean clone, mostly the mirror and dpkg) build in
+# the background meanwhile the virtualenvs are made and lint runs: the session's own build
+# (tests/fleet/conftest.py) then finds them, or builds again and says why it failed.
 TEST_WORKERS ?= 0
-test: apt-deps venv lint
+test: apt-deps
+	@mkdir -p .fleet; setsid $(PYTHON) -m localfleet images > .fleet/images.log 2>&1 & images=$$!; \
+	if $(MAKE) --no-print-directory venv lint; then \
+		wait $$images || echo "images: the early build failed (.fleet/images.log); the tests build them again"; \
+	else kill -- -$$images; wait $$images; exit 1; fi
 	$(BIN)/pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 $(BIN)/.bench-installed: requirements/bench.txt $(BIN)/.installed

@@ -4,6 +4,7 @@ Usage (as root)::
 
     python -m localfleet up [--hosts K] [--lb]   # build the image once, boot K hosts
         [--release bookworm|trixie | --mix]      # all Debian 12, all 13, or both in turn
+    python -m localfleet images                  # only build the images (both releases)
     python -m localfleet status                  # each host and what systemd says
     python -m localfleet down                    # remove every container, mount, link
 """
@@ -16,7 +17,7 @@ import sys
 from localfleet.errors import FleetError
 from localfleet.fleet import down, up
 from localfleet.hosts import nspawn_pids, system_state
-from localfleet.image import MIX, RELEASES
+from localfleet.image import MIX, RELEASES, build_images
 from localfleet.inventory import read_fleet
 
 __all__ = ["main"]
@@ -55,12 +56,15 @@ def main(argv: list[str] | None = None) -> int:
         "--mix", action="store_true",
         help=f"hosts alternate between releases: {', '.join(MIX)}, ... (the default)",
     )  # fmt: skip
+    sub.add_parser("images", help="build the images of both releases if missing or stale")
     sub.add_parser("down", help="remove every container, mount, link and the bridge")
     sub.add_parser("status", help="list the hosts and what systemd in each says")
     args = parser.parse_args(argv)
     try:
         if args.command == "up":
             up(args.hosts, args.lb, (args.release,) if args.release else MIX)
+        elif args.command == "images":
+            build_images(RELEASES)
         elif args.command == "down":
             down()
         else:

@@ -2,10 +2,12 @@
 
 The fleet comes up once per session and is taken down at its end, leaving the machine as
 it was (the teardown checks that nothing of it is left), unless WSFLEET_KEEP=1 (``make
-test-fleet``): then a running fleet is used as it is and stays up for the next run. A fleet
-that cannot come up, or a first deploy that fails, stops the session with one line saying
-why, instead of an error for every fleet test. Under ``make test TEST_WORKERS=2`` each
-worker has a fleet of its own (tests/conftest.py) and takes whole modules (ORDER below).
+test-fleet``): then a running fleet is used as it is and stays up for the next run. It
+comes up, and the session's first site.yml runs on it, in the background while the tests
+that need no fleet run (``pytest_collection_finish``). A fleet that cannot come up, or a
+first deploy that fails, stops the session with one line saying why, instead of an error
+for every fleet test. Under ``make test TEST_WORKERS=2`` each worker has a fleet of its
+own (tests/conftest.py) and takes whole modules (ORDER below).
 
 It is a mixed fleet, Debian 13 and Debian 12 in turn (the first host trixie, the second
 bookworm, the third trixie): every test that spans the fleet spans both releases, and
@@ -14,7 +16,6 @@ bookworm, the third trixie): every test that spans the fleet spans both releases
 
 from __future__ import annotations
 
-import contextlib
 import os
 import subprocess
 import sys
@@ -25,7 +26,7 @@ import pytest
 
 import localfleet
 from localfleet.ansible import ansible_playbook, failure_summary
-from localfleet.image import MIX, build_images
+from localfleet.image import MIX
 
 # The fleet modules, longest first (roughly their minutes in one process on 2 cores, from
 # pytest --durations and the playbook log: docs/testing.md). Under ``make test
@@ -33,7 +34,7 @@ from localfleet.image import MIX, build_images
 # loadfile, not reordered), each on a fleet of its own, the next module going to whichever
 # finishes first: longest first leaves short modules to even out the end. Each module
 # restores what it changes, so a module runs the same on either fleet and after any other.
-# test_fleet.py is not here: it reboots hosts, so it goes before every deploy.
+# test_fleet.py is not here: it kills and boots a host again, so it goes after them all.
 ORDER = (
     "test_deploy.py",  # ~9 min: the first deploy, idempotence, the collection, bad variables
     "test_rollout.py",  # ~4
@@ -52,16 +53,15 @@ ORDER = (
 @pytest.hookimpl(tryfirst=True)  # before -m selects on the marks
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Mark every test under tests/fleet as a fleet test. The tests that need no fleet go
-    first (a fleet that fails to come up stops the session), then the fleet's own tests
-    (they reboot a host, so they run before anything is deployed on it), then the modules
-    in ORDER."""
+    first (meanwhile the fleet comes up and is deployed), then the modules in ORDER, then
+    the fleet's own tests (they kill a host's container and boot it again)."""
 
     def rank(item: pytest.Item) -> tuple[int, int]:
         if "/tests/fleet/" not in str(item.path):
             return (0, 0)
         if item.path.name == "test_fleet.py":
-            return (1, 0)
-        return (2, ORDER.index(item.path.name))
+            return (2, 0)
+        return (1, ORDER.index(item.path.name))
 
     for item in items:
         if "/tests/fleet/" in str(item.path):
@@ -74,47 +74,82 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 KEEP = os.environ.get("WSFLEET_KEEP") == "1"
 
-_images: threading.Thread | None = None
+
+class _Preparation:
+    """The fleet brought up, and site.yml run on it once, in a thread of their own."""
+
+    def __init__(self, deploy: bool) -> None:
+        self.deploy = deploy
+        self.up = threading.Event()
+        self.hosts: localfleet.Fleet | None = None
+        self.error: str | None = None  # why the fleet did not come up
+        self.result: subprocess.CompletedProcess[str] | None = None
+        self.used = False  # the fleet fixture took it (and takes it down at its end)
+        self.thread = threading.Thread(target=self._run, name="fleet", daemon=True)
+
+    def _run(self) -> None:
+        try:
+            # Missing or stale images are built first (about 80 s from a clean clone,
+            # mostly the mirror and dpkg; `make test` starts that build before lint).
+            self.hosts = localfleet.up(hosts=3, releases=MIX)
+        except localfleet.FleetError as error:
+            print(error, file=sys.stderr)
+            self.error = str(error).splitlines()[0]
+        except Exception as error:  # any other failure is reported the same way, once
+            self.error = repr(error)
+        finally:
+            self.up.set()
+        if self.hosts is not None and self.deploy:
+            # Ansible's own strategy, as operators run it (the later runs may use
+            # Mitogen's: docs/testing.md, Mitogen).
+            self.result = ansible_playbook("site.yml", check=False, mitogen=False)
+
+
+_preparation: _Preparation | None = None
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
-    """With fleet tests to run, build the hosts' images (when missing or stale) in the
-    background while the tests that need no fleet run first: a build mostly waits on the
-    mirror and on dpkg, about 80 s from a clean clone. The fleet fixture's ``up`` then
-    finds them built, or waits on the build's lock (localfleet.image)."""
-    global _images
+    """With fleet tests to run, bring the fleet up (building its images if needed) and, if
+    a test wants it deployed, run the session's first site.yml, in the background while
+    the tests that need no fleet run first: the fixtures below then wait for it."""
+    global _preparation
     if session.config.option.collectonly or os.geteuid() != 0:
         return
-    if not any(item.get_closest_marker("fleet") for item in session.items):
+    fleet_items = [item for item in session.items if item.get_closest_marker("fleet")]
+    if not fleet_items:
         return
-
-    def build() -> None:
-        # A failure is up()'s to report: it builds again, and stops the session saying why.
-        with contextlib.suppress(Exception):
-            build_images(MIX)
-
-    _images = threading.Thread(target=build, name="images", daemon=True)
-    _images.start()
+    deploy = any("deployed" in getattr(item, "fixturenames", ()) for item in fleet_items)
+    _preparation = _Preparation(deploy)
+    _preparation.thread.start()
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
-    """A build still running (the session cut short) finishes before pytest exits."""
-    if _images is not None:
-        _images.join()
+    """A preparation still running (the session cut short) finishes before pytest exits;
+    a fleet that no test took is taken down again."""
+    if _preparation is None:
+        return
+    _preparation.thread.join()
+    if not _preparation.used and not KEEP and _preparation.hosts is not None:
+        localfleet.down()
 
 
 @pytest.fixture(scope="session")
 def fleet() -> Iterator[localfleet.Fleet]:
     """The local fleet of three app servers of both releases, up for the whole session."""
+    if _preparation is None:  # not root, or only collected: up() says why
+        preparation = _Preparation(deploy=False)
+        preparation.thread.run()
+    else:
+        preparation = _preparation
+    preparation.up.wait()
+    if preparation.hosts is None:
+        pytest.exit(f"the local fleet did not come up: {preparation.error}", 1)
+    preparation.used = True
     try:
-        hosts = localfleet.up(hosts=3, releases=MIX)
-    except localfleet.FleetError as error:
-        print(error, file=sys.stderr)
-        pytest.exit(f"the local fleet did not come up: {str(error).splitlines()[0]}", 1)
-    try:
-        yield hosts
+        yield preparation.hosts
     finally:
         if not KEEP:
+            preparation.thread.join()
             localfleet.down()
             left = localfleet.leftovers()
             assert not left, f"the fleet left state behind: {left}"
@@ -124,7 +159,12 @@ def fleet() -> Iterator[localfleet.Fleet]:
 def deployed(fleet: localfleet.Fleet) -> subprocess.CompletedProcess[str]:
     """site.yml applied once to the fleet, with Ansible's own strategy as operators run it
     (the later runs may use Mitogen's: docs/testing.md, Mitogen)."""
-    result = ansible_playbook("site.yml", check=False, mitogen=False)
+    if _preparation is not None and _preparation.deploy:
+        _preparation.thread.join()
+        result = _preparation.result
+        assert result is not None
+    else:
+        result = ansible_playbook("site.yml", check=False, mitogen=False)
     if result.returncode != 0:
         print(result.stdout[-6000:], result.stderr[-3000:], sep="\n", file=sys.stderr)
         pytest.exit(f"site.yml failed on the local fleet: {failure_summary(result.stdout)}", 1)
