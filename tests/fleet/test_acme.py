@@ -35,12 +35,19 @@ NAMES = ["chat.wsfleet.test", "www.wsfleet.test", "wsfleet.test"]
 CHALLENGES = "/var/lib/wsfleet/acme-challenge"
 
 
+def challenges_answered(host: localfleet.FleetHost) -> int:
+    """The CA's challenge requests in the host's nginx access log so far."""
+    log = host.ssh("grep -c 'GET /.well-known/acme-challenge/' /var/log/nginx/access.log")
+    return int(log.stdout.strip() or 0)
+
+
 @dataclass(frozen=True)
 class Acme:
     ca: pebble.Pebble
     root: Path  # Pebble's root of this run, what clients trust
     options: tuple[str, ...]  # site.yml's extra variables for the ACME CA
     first: subprocess.CompletedProcess[str]  # the run that ordered the first certificate
+    answered: dict[str, int]  # challenges each host answered in that run
 
 
 @pytest.fixture(scope="module")
@@ -62,9 +69,11 @@ def acme(
             "-e", f"tls_acme_dir={folder / 'controller'}",
             "-e", json.dumps({"nginx_server_names": NAMES}),
         )  # fmt: skip
+        before = {h.name: challenges_answered(h) for h in fleet.app_servers}
         first = ansible_playbook("site.yml", *options)
+        answered = {h.name: challenges_answered(h) - before[h.name] for h in fleet.app_servers}
         try:
-            yield Acme(ca, root, options, first)
+            yield Acme(ca, root, options, first, answered)
         finally:
             ansible_playbook("site.yml", "--tags", "configure")
     for host in fleet.app_servers:
@@ -87,10 +96,11 @@ def serials(fleet: Fleet, acme: Acme) -> set[int]:
     return {served(h.address, acme.root, NAMES[0]).serial_number for h in fleet.app_servers}
 
 
-async def round_trip(address: str, root: Path, text: str) -> str:
+async def round_trip(address: str, root: Path, text: str, name: str = NAMES[0]) -> str:
+    """A wss round trip through ``address``, verified against ``root`` for ``name``."""
     context = ssl.create_default_context(cafile=str(root))
     async with connect(
-        f"wss://{address}/ws/acme", ssl=context, server_hostname=NAMES[0], open_timeout=10
+        f"wss://{address}/ws/acme", ssl=context, server_hostname=name, open_timeout=10
     ) as ws:
         await ws.send(text)
         reply = await asyncio.wait_for(ws.recv(), timeout=10)
@@ -102,9 +112,8 @@ def test_one_order_puts_the_fleet_certificate_on_every_host(fleet: Fleet, acme: 
     that resolves to it first; every host serves the same certificate, which verifies
     against Pebble's root for each name, and a wss round trip goes through each host."""
     assert acme.ca.orders() == 1
+    assert all(count >= 1 for count in acme.answered.values()), acme.answered
     for host in fleet.app_servers:
-        log = host.ssh("grep -c 'GET /.well-known/acme-challenge/' /var/log/nginx/access.log")
-        assert int(log.stdout or 0) >= 1, f"{host.name} answered no challenge"
         for name in NAMES:
             cert = served(host.address, acme.root, name)
             names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName)

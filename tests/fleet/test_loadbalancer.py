@@ -1,7 +1,8 @@
 """The optional load-balancer tier: one balancer (fleetlb) in front of the three app servers.
 
 The balancer joins the session's fleet for this module and leaves it at its end; the app
-servers are then deployed again without it.
+servers are then deployed again without it. Its last test gives the balancer a
+certificate from an ACME CA (Pebble, tests/fleet/pebble.py).
 """
 
 from __future__ import annotations
@@ -11,16 +12,20 @@ import json
 import re
 import ssl
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
+from cryptography import x509
 from websockets.asyncio.client import connect
 
 import localfleet
 from localfleet.ansible import ansible_playbook
 from localfleet.demo import ca_file
 from localfleet.instances import instance_get
+from tests.fleet import pebble
 from tests.fleet.load import assert_no_failures, load_on, summary
 from tests.fleet.releases import ONE_THEN_THE_REST
+from tests.fleet.test_acme import round_trip, served
 from tests.fleet.test_release_under_load import versions
 
 
@@ -33,8 +38,7 @@ def balancer(fleet: localfleet.Fleet, deployed: object) -> Iterator[localfleet.F
         yield with_lb.load_balancers[0]
     finally:
         localfleet.up(hosts=len(fleet.app_servers), lb=False)
-        # The app servers' nginx trusts the balancer's X-Forwarded-For no longer: configuration.
-        ansible_playbook("site.yml", "--tags", "configure")
+        ansible_playbook("site.yml")
 
 
 def open_connections(host: localfleet.FleetHost) -> int:
@@ -92,3 +96,36 @@ def test_a_rollout_behind_the_balancer_fails_nothing(
     assert upstream.count(":443 max_fails=1") == len(fleet.app_servers)
     assert " down;" not in upstream
     assert versions(fleet) == {h.name: {"5.0.0-lb"} for h in fleet.app_servers}
+
+
+def test_behind_a_balancer_the_acme_certificate_is_the_balancers(
+    fleet: localfleet.Fleet, balancer: localfleet.FleetHost, tmp_path: Path
+) -> None:
+    """With an ACME CA and a balancer tier, the public name resolves to the balancer: the
+    CA's challenge is answered there, the balancer serves the certificate, and the app
+    servers behind it keep the private CA's, which the balancer verifies. Last in the
+    module: the balancer leaves with it."""
+    name = "lb.wsfleet.test"
+    with pebble.run(tmp_path) as ca:
+        pebble.resolve(name, [balancer.address])
+        root = tmp_path / "root.pem"
+        root.write_text(ca.root())
+        ansible_playbook(
+            "site.yml", "--tags", "configure",
+            "-e", f"tls_acme_directory={ca.directory}", "-e", f"tls_acme_directory_ca={ca.tls_ca}",
+            "-e", f"tls_acme_dir={tmp_path / 'controller'}",
+            "-e", json.dumps({"tls_acme_names": [name]}),
+        )  # fmt: skip
+        assert ca.orders() == 1
+    names = served(balancer.address, root, name).extensions.get_extension_for_class(
+        x509.SubjectAlternativeName
+    )
+    assert names.value.get_values_for_type(x509.DNSName) == [name]
+    assert asyncio.run(round_trip(balancer.address, root, "via the balancer", name)) == (
+        "via the balancer"
+    )
+    for host in fleet.app_servers:
+        assert served(host.address, ca_file(), host.address).issuer == served(
+            fleet.app_servers[0].address, ca_file(), fleet.app_servers[0].address
+        ).issuer, host.name
+        assert host.ssh("test ! -e /etc/ssl/wsfleet/public.crt").returncode == 0, host.name
