@@ -102,9 +102,9 @@ test-fleet: apt-deps venv
 # hosts up for the session and take them down at its end (also when a test fails).
 # TEST_WORKERS=2 (pytest-xdist): two processes, each with a fleet of its own
 # (tests/conftest.py), taking whole modules in the order tests/fleet/conftest.py gives
-# (loadfile, not reordered). One by default: on 2 cores two fleets finished in 20 minutes
-# instead of 24, but their contention broke the timing bounds some tests assert
-# (docs/testing.md, Two workers).
+# (loadfile, not reordered). One by default: on 2 cores each playbook ran about 1.7 times
+# slower beside the other fleet's, so two fleets gained a minute or two, and their
+# contention broke timing bounds some tests assert (docs/testing.md, Two workers).
 # The hosts' images (about 80 s from a clean clone, mostly the mirror and dpkg) build in
 # the background meanwhile the virtualenvs are made and lint runs: the session's own build
 # (tests/fleet/conftest.py) then finds them, or builds again and says why it failed.

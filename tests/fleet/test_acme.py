@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import ssl
 import subprocess
 from collections.abc import Iterator
@@ -27,6 +26,7 @@ from localfleet.ansible import ansible_playbook, parse_recap
 from localfleet.demo import ca_file
 from tests.fleet import pebble
 from tests.fleet.load import assert_no_failures, load_on, summary
+from tests.fleet.tls import served
 
 Fleet = localfleet.Fleet
 
@@ -79,17 +79,6 @@ def acme(
     for host in fleet.app_servers:
         assert served(host.address, ca_file(), host.address).serial_number, host.name
         assert host.ssh("test ! -e /etc/ssl/wsfleet/public.crt").returncode == 0, host.name
-
-
-def served(address: str, ca: Path, name: str) -> x509.Certificate:
-    """The certificate the host presents for ``name``, verified against ``ca``."""
-    context = ssl.create_default_context(cafile=str(ca))
-    with context.wrap_socket(
-        socket.create_connection((address, 443), 5), server_hostname=name
-    ) as tls:
-        der = tls.getpeercert(binary_form=True)
-    assert der
-    return x509.load_der_x509_certificate(der)
 
 
 def serials(fleet: Fleet, acme: Acme) -> set[int]:

@@ -25,8 +25,9 @@ from localfleet.instances import instance_get
 from tests.fleet import pebble
 from tests.fleet.load import assert_no_failures, load_on, summary
 from tests.fleet.releases import ONE_THEN_THE_REST
-from tests.fleet.test_acme import round_trip, served
+from tests.fleet.test_acme import round_trip
 from tests.fleet.test_release_under_load import versions
+from tests.fleet.tls import served
 
 
 @pytest.fixture(scope="module")

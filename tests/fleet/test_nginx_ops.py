@@ -11,7 +11,6 @@ import datetime
 import itertools
 import json
 import re
-import socket
 import ssl
 import subprocess
 import threading
@@ -35,6 +34,7 @@ from localfleet.load import Tally, client_context, in_background, open_counted
 from localfleet.settings import GATEWAY
 from tests.fleet.history import assert_nothing_lost, room_traffic
 from tests.fleet.load import assert_no_failures, load_on, summary
+from tests.fleet.tls import served
 
 Fleet = localfleet.Fleet
 
@@ -240,14 +240,7 @@ def test_metrics_refuse_an_address_not_allowed(fleet: Fleet, ops: Path) -> None:
 
 def served_certificate(address: str) -> x509.Certificate:
     """The certificate the host presents, verified against the fleet's CA."""
-    context = client_context(ca_file())
-    assert context is not None
-    with context.wrap_socket(
-        socket.create_connection((address, 443), 5), server_hostname=address
-    ) as tls:
-        der = tls.getpeercert(binary_form=True)
-    assert der
-    return x509.load_der_x509_certificate(der)
+    return served(address, ca_file(), address)
 
 
 def bus_started(fleet: Fleet) -> dict[str, float]:
