@@ -3,8 +3,8 @@
 The fleet comes up once per session and is taken down at its end, leaving the machine as
 it was (the teardown checks that nothing of it is left), unless WSFLEET_KEEP=1 (``make
 test-fleet``): then a running fleet is used as it is and stays up for the next run. It
-comes up, and the session's first site.yml runs on it, in the background while the tests
-that need no fleet run (``pytest_collection_finish``). A fleet that cannot come up, or a
+comes up, and the session's first site.yml runs on it, in the background while the
+template and controller tests run (``pytest_runtest_logstart``). A fleet that cannot come up, or a
 first deploy that fails, stops the session with one line saying why, instead of an error
 for every fleet test. Under ``make test TEST_WORKERS=2`` each worker has a fleet of its
 own (tests/conftest.py) and takes whole modules (ORDER below).
@@ -109,9 +109,9 @@ _preparation: _Preparation | None = None
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
-    """With fleet tests to run, bring the fleet up (building its images if needed) and, if
-    a test wants it deployed, run the session's first site.yml, in the background while
-    the tests that need no fleet run first: the fixtures below then wait for it."""
+    """With fleet tests to run, make ready to bring the fleet up (building its images if
+    needed) and, if a test wants it deployed, to run the session's first site.yml, in the
+    background: the fixtures below then wait for it."""
     global _preparation
     if session.config.option.collectonly or os.geteuid() != 0:
         return
@@ -120,13 +120,21 @@ def pytest_collection_finish(session: pytest.Session) -> None:
         return
     deploy = any("deployed" in getattr(item, "fixturenames", ()) for item in fleet_items)
     _preparation = _Preparation(deploy)
-    _preparation.thread.start()
+
+
+def pytest_runtest_logstart(nodeid: str, location: tuple[str, int | None, str]) -> None:
+    """The preparation starts with the first test outside tests/app (the templates' and
+    the controller's run beside it): the app's room tests, whose bounds are seconds, run
+    alone, as on a busy host they would not (a deploy beside them broke those bounds)."""
+    unstarted = _preparation is not None and _preparation.thread.ident is None
+    if unstarted and not nodeid.startswith("tests/app/"):
+        _preparation.thread.start()
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
     """A preparation still running (the session cut short) finishes before pytest exits;
     a fleet that no test took is taken down again."""
-    if _preparation is None:
+    if _preparation is None or _preparation.thread.ident is None:  # never started
         return
     _preparation.thread.join()
     if not _preparation.used and not KEEP and _preparation.hosts is not None:
@@ -141,6 +149,8 @@ def fleet() -> Iterator[localfleet.Fleet]:
         preparation.thread.run()
     else:
         preparation = _preparation
+        if preparation.thread.ident is None:  # no test before started it
+            preparation.thread.start()
     preparation.up.wait()
     if preparation.hosts is None:
         pytest.exit(f"the local fleet did not come up: {preparation.error}", 1)
