@@ -38,6 +38,7 @@ class Client:
         self.ws = ws
         self.received: list[tuple[int | None, str]] = []
         self.resumed: dict[str, Any] | None = None
+        self.hello: dict[str, Any] | None = None
         self._next_id: int | None = None
         self._reader = asyncio.create_task(self._read())
 
@@ -45,8 +46,11 @@ class Client:
     async def join(cls, app: AppProcess, room: str, since: int | None = None) -> Client:
         query = "events=1" + (f"&since={since}" if since is not None else "")
         client = cls(await connect(f"{app.url}/ws/{room}?{query}"))
+        # The hello comes once the server has the client in the room (after its resume):
+        # what is sent from then on reaches it. A busy server may take a while to join.
+        await client.wait(lambda: client.hello is not None, "the hello event")
         if since is not None:
-            await client.wait(lambda: client.resumed is not None, "the resumed event")
+            assert client.resumed is not None
         return client
 
     async def _read(self) -> None:
@@ -61,6 +65,8 @@ class Client:
                     self._next_id = event["id"]
                 elif event["type"] == "resumed":
                     self.resumed = event
+                elif event["type"] == "hello":
+                    self.hello = event
 
     async def wait(self, condition: Callable[[], bool], what: str, timeout: float = 10) -> None:
         deadline = time.monotonic() + timeout

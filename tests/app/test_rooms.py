@@ -49,7 +49,18 @@ class Member:
 
     @classmethod
     async def join(cls, app: AppProcess, room: str) -> Member:
-        return cls(await connect(f"{app.url}/ws/{room}?events=1"))
+        """A member once the server has it in the room: its hello comes after the join, so
+        a message sent from then on reaches it (a busy server may take a while to join)."""
+        member = cls(await connect(f"{app.url}/ws/{room}?events=1"))
+        deadline = time.monotonic() + 10
+        while member.instance is None:
+            member._changed.clear()
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError(f"no hello from {app.url} within 10 s of joining {room!r}")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(member._changed.wait(), left)
+        return member
 
     async def _read(self) -> None:
         with contextlib.suppress(Exception):

@@ -4,7 +4,7 @@ The fleet comes up once per session and is taken down at its end, leaving the ma
 it was (the teardown checks that nothing of it is left), unless WSFLEET_KEEP=1 (``make
 test-fleet``): then a running fleet is used as it is and stays up for the next run. It
 comes up, and the session's first site.yml runs on it, in the background while the
-template and controller tests run (``pytest_runtest_logstart``). A fleet that cannot come up, or a
+tests that need no fleet run (``pytest_collection_finish``). A fleet that cannot come up, or a
 first deploy that fails, stops the session with one line saying why, instead of an error
 for every fleet test. Under ``make test TEST_WORKERS=2`` each worker has a fleet of its
 own (tests/conftest.py) and takes whole modules (ORDER below).
@@ -120,15 +120,10 @@ def pytest_collection_finish(session: pytest.Session) -> None:
         return
     deploy = any("deployed" in getattr(item, "fixturenames", ()) for item in fleet_items)
     _preparation = _Preparation(deploy)
-
-
-def pytest_runtest_logstart(nodeid: str, location: tuple[str, int | None, str]) -> None:
-    """The preparation starts with the first test outside tests/app (the templates' and
-    the controller's run beside it): the app's room tests, whose bounds are seconds, run
-    alone, as on a busy host they would not (a deploy beside them broke those bounds)."""
-    unstarted = _preparation is not None and _preparation.thread.ident is None
-    if unstarted and not nodeid.startswith("tests/app/"):
-        _preparation.thread.start()
+    # The tests that need no fleet (the app's, the templates', the controller's: about
+    # 80 s) run meanwhile. The app's room tests join a member only once the server said
+    # hello, so that a busy machine slows them down without breaking them.
+    _preparation.thread.start()
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
