@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -15,8 +16,8 @@ from pathlib import Path
 from localfleet.settings import FACTS, INVENTORY, REPO
 
 __all__ = [
-    "ansible_playbook", "failure_summary", "inventory_var", "mitogen_env", "parse_recap",
-    "playbook_env",
+    "ansible_playbook", "failure_summary", "inventory_var", "kill_run", "mitogen_env",
+    "parse_recap", "playbook_env",
 ]  # fmt: skip
 
 # The playbooks that take the deploy lock (roles/deploy_lock).
@@ -32,6 +33,38 @@ FACT_CACHE = {
     "ANSIBLE_CACHE_PLUGIN_CONNECTION": str(FACTS),
     "ANSIBLE_CACHE_PLUGIN_TIMEOUT": "86400",
 }
+
+
+def _descendants(pid: int) -> set[int]:
+    """The processes below ``pid``, from /proc (each one's parent in its stat line)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            # "pid (comm) state ppid ...": comm may hold spaces and parentheses.
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # gone meanwhile
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = set(), [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
+
+
+def kill_run(pid: int) -> None:
+    """SIGKILL an ansible-playbook and every process below it, as the death of its
+    controller would end them. Its process group is not enough: each of Ansible's workers
+    calls setsid(), and one killed with only the group lives on, an orphan in a session of
+    its own, for as long as its task takes."""
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGSTOP)  # it forks no new worker meanwhile
+    for victim in [pid, *_descendants(pid)]:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(victim, signal.SIGKILL)
+
 
 _RECAP = re.compile(r"^(?P<host>\S+)\s+:\s+(?P<counts>(?:\w+=\d+\s*)+)$")
 
@@ -80,7 +113,7 @@ def ansible_playbook(
     started = time.monotonic()
     # The output goes to files, not pipes, so that a run cut short still shows how far it got.
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        # Its own process group: ansible's forks go with it when it is killed.
+        # A session of its own: a Ctrl-C at the terminal reaches pytest, not the run.
         process = subprocess.Popen(
             [*command, *args], cwd=project or REPO, env=env, stdout=out, stderr=err,
             start_new_session=True,
@@ -92,7 +125,7 @@ def ansible_playbook(
             # controller's would be. Its deploy lock would stay on the hosts and fail every
             # later test with "locked by another run": break it, as an operator would once
             # the run is over, and say where the run was before letting the interruption on.
-            os.killpg(process.pid, signal.SIGKILL)
+            kill_run(process.pid)
             process.wait()
             out.seek(0)
             tail = out.read()[-8000:]

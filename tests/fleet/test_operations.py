@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import re
-import signal
 import ssl
 import subprocess
 import time
@@ -18,7 +16,7 @@ import pytest
 from websockets.asyncio.client import connect
 
 import localfleet
-from localfleet.ansible import ansible_playbook, parse_recap, playbook_env
+from localfleet.ansible import ansible_playbook, kill_run, parse_recap, playbook_env
 from localfleet.demo import ca_file
 from localfleet.settings import INVENTORY, REPO
 from tests.fleet.test_deploy import active_instances, on_host
@@ -30,8 +28,8 @@ HELD = "is locked by another run"
 
 
 def start_playbook(*args: str) -> subprocess.Popen[str]:
-    """ansible-playbook in the background, in its own process group (to kill it whole),
-    with the environment of the session's other runs (localfleet.ansible)."""
+    """ansible-playbook in the background, in a session of its own (kill_run ends it and
+    every process below it), with the environment of the session's other runs."""
     env = playbook_env()
     return subprocess.Popen(
         [str(REPO / ".venv" / "bin" / "ansible-playbook"), "-i", str(INVENTORY.parent), *args],
@@ -187,7 +185,7 @@ def test_a_killed_run_leaves_a_lock_that_says_its_age_and_is_broken(
         assert run.poll() is None, f"the run ended before it held every lock: {run.stdout}"
         assert time.monotonic() < deadline, "the run never held every lock"
         time.sleep(0.5)
-    os.killpg(run.pid, signal.SIGKILL)
+    kill_run(run.pid)
     run.communicate(timeout=60)
 
     second = ansible_playbook("site.yml", check=False)
