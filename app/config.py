@@ -100,6 +100,12 @@ class Settings:
         "(memory per connection against speed and ratio)",
     )
     drain_timeout: float = _option(10.0, "seconds the graceful shutdown may take before exiting")
+    drain_spread: float = _option(
+        0.0,
+        "seconds over which the graceful shutdown closes its connections, a few at a "
+        "time, so that their clients come back as a stream, not a wave (0: all at once; "
+        "less than --drain-timeout)",
+    )
     restart_file: str = _option(
         "", "if this file exists at SIGTERM, close with 1012 instead of 1001"
     )
@@ -230,6 +236,11 @@ def parse_settings(
         )
     if ":" not in args.handler:
         parser.error(f"--handler must be module:callable, got {args.handler!r}")
+    if not 0 <= args.drain_spread < args.drain_timeout:
+        parser.error(
+            f"--drain-spread must be 0 or more seconds and less than --drain-timeout "
+            f"({args.drain_timeout}), got {args.drain_spread}"
+        )
     if args.bus_history_max_age < 0:
         parser.error("--bus-history-max-age must be 0 (no history) or more seconds")
     if args.bus_history_max_bytes < 1:

@@ -34,7 +34,7 @@ from websockets.extensions.base import ServerExtensionFactory
 from websockets.extensions.permessage_deflate import ServerPerMessageDeflateFactory
 from websockets.frames import DATA_OPCODES, CloseCode, Frame
 from websockets.http11 import Request, Response
-from websockets.protocol import Event
+from websockets.protocol import Event, State
 from websockets.server import ServerProtocol
 from websockets.typing import Origin
 
@@ -472,13 +472,24 @@ class Server:
             if restart
             else (CloseCode.GOING_AWAY, "server shutdown")
         )
+        spread = self.settings.drain_spread
         logger.info(
             "draining",
-            extra={"fields": {"connections": len(server.connections), "close_code": int(code)}},
-        )
+            extra={"fields": {
+                "connections": len(server.connections), "close_code": int(code), "spread": spread,
+            }},
+        )  # fmt: skip
+        started = asyncio.get_running_loop().time()
+        closing: list[asyncio.Task[None]] = []  # held until the drain ends
+        if spread > 0:
+            # No new connection (one still in its handshake gets a 503, as at any close);
+            # the open ones are closed a few at a time over the spread.
+            server.server.close()
+            closing = await _close_spread(server, code, reason, spread)
         server.close(close_connections=True, code=code, reason=reason)
         try:
-            await asyncio.wait_for(server.wait_closed(), self.settings.drain_timeout)
+            left_s = self.settings.drain_timeout - (asyncio.get_running_loop().time() - started)
+            await asyncio.wait_for(server.wait_closed(), max(left_s, 0.0))
         except TimeoutError:
             left = server.all_connections
             logger.warning("drain_timeout", extra={"fields": {"left": len(left)}})
@@ -487,13 +498,40 @@ class Server:
             # not systemd's SIGKILL, bounds the stop.
             for connection in left:
                 connection.transport.abort()
-            for task in server.handler_tasks:
+            for task in [*server.handler_tasks, *closing]:
                 task.cancel()
             await server.wait_closed()
         if self.rooms is not None:
             # The handlers have left their rooms: the fleet hears of it before the exit.
             await self.rooms.close()
         logger.info("stopped", extra={"fields": {"port": self.port}})
+
+
+# How often a spread drain closes its next few connections.
+_SPREAD_TICK = 0.05
+
+
+async def _close_spread(
+    server: WebSocketServer, code: int, reason: str, spread: float
+) -> list[asyncio.Task[None]]:
+    """Start closing the server's open connections evenly over ``spread`` seconds; the
+    tasks of their closing handshakes, which the drain then waits for with the handlers
+    (a handshake still in progress is refused by the server's close that follows)."""
+    connections = [c for c in server.connections if c.state is State.OPEN]
+    if not connections:
+        return []
+    ticks = max(1, int(spread / _SPREAD_TICK))
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    closing: list[asyncio.Task[None]] = []
+    for tick in range(ticks):
+        # Up to the share this tick ends at: the last tick closes whatever is left.
+        first, last = len(connections) * tick // ticks, len(connections) * (tick + 1) // ticks
+        for connection in connections[first:last]:
+            if connection.state is State.OPEN:
+                closing.append(asyncio.create_task(connection.close(code, reason)))
+        await asyncio.sleep(max(0.0, started + (tick + 1) * spread / ticks - loop.time()))
+    return closing
 
 
 def _listening(server: WebSocketServer, sock: socket.socket | None) -> socket.socket:

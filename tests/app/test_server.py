@@ -13,6 +13,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
@@ -132,6 +133,40 @@ def test_sigterm_with_100_connections_drains_with_1001(start_app: StartApp) -> N
     assert app.process.returncode == 0
     assert elapsed < 5
     app.wait_for_line("event=draining connections=100 close_code=1001")
+
+
+def test_drain_spread_closes_a_few_connections_at_a_time(start_app: StartApp) -> None:
+    """--drain-spread 2: no handshake after the SIGTERM, and the 60 open clients closed
+    (1001, each once) over the 2 s, about a fifth of them in each 0.4 s, not in one wave."""
+    app = start_app("--drain-timeout", "5", "--drain-spread", "2")
+
+    async def scenario() -> tuple[list[float], list[int | None], int]:
+        clients = [await connect(app.url) for _ in range(60)]
+        started = time.monotonic()
+        app.process.terminate()
+        await asyncio.sleep(0.2)
+        try:
+            refused = await handshake_status(app.url)
+        except OSError:
+            refused = 0  # nothing listens any more: refused too
+
+        async def closed_at(ws: ClientConnection) -> float:
+            await ws.wait_closed()
+            return time.monotonic() - started
+
+        times = await asyncio.gather(*map(closed_at, clients))
+        await asyncio.to_thread(app.process.wait, 10)
+        return sorted(times), [ws.close_code for ws in clients], refused
+
+    times, codes, refused = asyncio.run(scenario())
+    assert codes == [1001] * 60
+    assert refused in (0, 503)
+    assert app.process.returncode == 0
+    assert 1.6 < times[-1] < 3.0, times
+    # Evenly: each 0.4 s of the spread closes about 12 of the 60.
+    per_slice = Counter(min(int(t / 0.4), 4) for t in times)
+    assert all(6 <= per_slice[k] <= 18 for k in range(5)), per_slice
+    app.wait_for_line("event=draining connections=60 close_code=1001 spread=2.0")
 
 
 def test_restart_file_turns_the_close_code_into_1012(start_app: StartApp) -> None:

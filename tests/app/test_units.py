@@ -54,6 +54,8 @@ def test_release_label_is_version_label_and_app_version() -> None:
         ("APP_COMPRESSION_MEMLEVEL", "10"),
         ("APP_LOG_FORMAT", "xml"),
         ("APP_DRAIN_TIMEOUT", "0"),
+        ("APP_DRAIN_SPREAD", "-1"),
+        ("APP_DRAIN_SPREAD", "10"),  # not less than the drain timeout (10 s)
     ],
 )
 def test_invalid_environment_values_are_rejected(variable: str, value: str) -> None:
