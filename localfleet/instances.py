@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 
 from localfleet.hosts import FleetHost
 
-__all__ = ["instance_get"]
+__all__ = ["instance_get", "live_ports"]
 
 
 def instance_get(
@@ -25,3 +26,13 @@ def instance_get(
         f"else curl -sf http://127.0.0.1:{port}{path}; fi"
     )
     return host.ssh(command)
+
+
+def live_ports(host: FleetHost, app_name: str = "wsapp") -> list[int]:
+    """The ports of the instances serving on ``host``: those of its active units, service
+    or socket. The instances alternate between two sets of ports, a handover at a time
+    (roles/app/tasks/handover.yml), so a test asks rather than assumes 8001 and up."""
+    listed = host.ssh(f"systemctl list-units --plain --no-legend --state=active '{app_name}@*'")
+    assert listed.returncode == 0, f"{host.name}: {listed.stderr}"
+    found = re.findall(rf"^{re.escape(app_name)}@(\d+)\.(?:service|socket) ", listed.stdout, re.M)
+    return sorted({int(port) for port in found})

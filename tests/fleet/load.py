@@ -32,7 +32,7 @@ from websockets.exceptions import ConnectionClosed
 from localfleet.demo import ca_file
 from localfleet.load import Tally, client_context, in_background, open_counted, quantile
 
-__all__ = ["Load", "assert_no_failures", "load_on", "summary"]
+__all__ = ["Load", "assert_each_closed_at_most_once", "assert_no_failures", "load_on", "summary"]
 
 LONG_LIVED_PER_HOST = 30
 NEW_PER_SECOND = 10
@@ -46,12 +46,17 @@ class Load:
     handshakes: Tally = field(default_factory=Tally)
     replies: Tally = field(default_factory=Tally)  # failed: lost or wrong replies
     closes: Counter[int] = field(default_factory=Counter)
+    closed: Counter[str] = field(default_factory=Counter)  # each long-lived client's closes
     reconnects: list[float] = field(default_factory=list)
     resent_twice: int = 0  # resent messages whose first copy came back too
 
 
 async def long_lived(
-    address: str, name: str, context: ssl.SSLContext | None, load: Load, stop: asyncio.Event,
+    address: str,
+    name: str,
+    context: ssl.SSLContext | None,
+    load: Load,
+    stop: asyncio.Event,
     **options: Any,
 ) -> None:
     """Send a numbered message every 0.3 s; after a 1001/1012 close, reconnect and resend."""
@@ -90,6 +95,7 @@ async def long_lived(
         except ConnectionClosed:
             code = ws.close_code if ws.close_code is not None else 1006
             load.closes[code] += 1
+            load.closed[name] += 1
             if code not in RECONNECT_CODES:
                 return
         except TimeoutError:
@@ -98,7 +104,10 @@ async def long_lived(
 
 
 async def new_connections(
-    addresses: list[str], context: ssl.SSLContext | None, load: Load, stop: asyncio.Event,
+    addresses: list[str],
+    context: ssl.SSLContext | None,
+    load: Load,
+    stop: asyncio.Event,
     **options: Any,
 ) -> None:
     """Open a fresh connection NEW_PER_SECOND times a second, round robin over the hosts."""
@@ -152,9 +161,7 @@ def load_on(
     async def scenario(stopping: asyncio.Event, ready: threading.Event) -> None:
         context = client_context(ca or ca_file())
         clients = [
-            asyncio.create_task(
-                long_lived(address, f"{i}-{n}", context, load, stopping, **options)
-            )
+            asyncio.create_task(long_lived(address, f"{i}-{n}", context, load, stopping, **options))
             for i, address in enumerate(addresses)
             for n in range(LONG_LIVED_PER_HOST)
         ]
@@ -177,10 +184,18 @@ def assert_no_failures(load: Load) -> None:
     assert load.replies.failed == 0, load.replies.failures
 
 
+def assert_each_closed_at_most_once(load: Load) -> None:
+    """No long-lived client was closed twice: a release reached each once (a handover,
+    roles/app/tasks/handover.yml), never an instance after another on the same host."""
+    twice = {name: count for name, count in load.closed.items() if count > 1}
+    assert not twice, f"clients closed more than once: {twice}"
+
+
 def summary(load: Load) -> str:
     waits = load.reconnects or [0.0]
     return (
-        f"{load.handshakes.done} handshakes, closes {dict(load.closes)}, reconnect "
+        f"{load.handshakes.done} handshakes, closes {dict(load.closes)} "
+        f"(at most {max(load.closed.values(), default=0)} per client), reconnect "
         f"p50 {quantile(waits, 0.5):.3f}s max {max(waits):.3f}s, "
         f"{load.resent_twice} resent messages back twice"
     )

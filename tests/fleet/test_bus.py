@@ -10,7 +10,7 @@ import time
 import localfleet
 from app.bus import STORE_DEADLINE
 from localfleet.ansible import ansible_playbook
-from localfleet.instances import instance_get
+from localfleet.instances import instance_get, live_ports
 from tests.fleet.rooms import Member, members_on, wait_for
 
 Fleet = localfleet.Fleet
@@ -51,7 +51,7 @@ def spans_the_fleet(fleet: Fleet, room: str) -> None:
     async def scenario() -> None:
         async with members_on(addresses, room) as members:
             serving = {m.instance for m in members}
-            expected = {f"{h.name}:{p}" for h in fleet.app_servers for p in (8001, 8002)}
+            expected = {f"{h.name}:{p}" for h in fleet.app_servers for p in live_ports(h)}
             assert serving == expected
             await every_message_once(members, room)
 
@@ -122,7 +122,7 @@ def test_presence_follows_joins_leaves_and_a_restart(fleet: Fleet, deployed: obj
             await converged(members, "8 members after 4 left")
             # An instance restarts: its members are closed (1012) and drop out.
             victim = fleet.app_servers[1]
-            on_host(victim, "systemctl restart wsapp@8001.service")
+            on_host(victim, f"systemctl restart wsapp@{live_ports(victim)[0]}.service")
             await wait_for(
                 lambda: any(m.ws.close_code for m in members[4:]), 10, "the restart closed members"
             )
@@ -155,7 +155,7 @@ def test_a_stopped_bus_server_cuts_off_only_its_own_host(fleet: Fleet, deployed:
                 await every_message_once(others, f"without-{third.name}", STORE_DEADLINE + 5)
                 reached = [m.instance for m in on_third if m.received]
                 assert not reached, f"{third.name} was reached without its bus: {reached}"
-                for port in (8001, 8002):
+                for port in live_ports(third):
                     ready = json.loads(instance_get(third, port, "/readyz").stdout)
                     assert ready["bus"] == "disconnected", ready
                     metrics = instance_get(third, port, "/metrics").stdout

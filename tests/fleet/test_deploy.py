@@ -16,6 +16,7 @@ from websockets.asyncio.client import connect
 import localfleet
 from localfleet.ansible import ansible_playbook, parse_recap
 from localfleet.demo import ca_file, round_trip
+from localfleet.instances import live_ports
 from localfleet.settings import INVENTORY, REPO
 
 Fleet = localfleet.Fleet
@@ -175,7 +176,8 @@ def test_check_diff_shows_a_change_and_changes_nothing(fleet: Fleet, deployed: o
 def test_check_diff_of_a_new_release_changes_nothing(fleet: Fleet, deployed: object) -> None:
     """A new app_version under --check --diff shows its environment file; no host changes."""
     state = (
-        "ls /opt/wsapp/releases; readlink /opt/wsapp/current; systemctl show -p MainPID wsapp@8001"
+        "ls /opt/wsapp/releases; readlink /opt/wsapp/current;"
+        " systemctl show -p MainPID 'wsapp@*.service'"
     )
     before = {host.name: on_host(host, state) for host in fleet.app_servers}
     result = ansible_playbook("site.yml", "--check", "--diff", "-e", "app_version=9.9.9-check")
@@ -204,23 +206,25 @@ def test_check_mode_of_a_first_install_changes_nothing(
 
 def test_scaling_instances_up_and_back_down(fleet: Fleet, deployed: object) -> None:
     """app_instances 2 → 4 → 2: exactly those units run and nginx's upstream matches."""
+    # On whichever set of ports the last handover left (8001 and up, or 8101 and up).
+    base = {host.name: live_ports(host)[0] for host in fleet.app_servers}
     for count in (2, 4, 2):
-        wanted = list(range(8001, 8001 + count))
+        wanted = {name: list(range(first, first + count)) for name, first in base.items()}
         # The fleet starts on the demo's 2: checked as it is, without a run changing nothing.
-        if any(active_instances(host) != wanted for host in fleet.app_servers):
+        if any(active_instances(host) != wanted[host.name] for host in fleet.app_servers):
             ansible_playbook("site.yml", "-e", f"app_instances={count}")
         for host in fleet.app_servers:
-            assert active_instances(host) == wanted, host.name
-            assert upstream_ports(host) == wanted, host.name
-    listed = on_host(
-        fleet.app_servers[0], "systemctl list-units --all --plain --no-legend 'wsapp@*'"
-    )
-    assert "wsapp@8003" not in listed
+            assert active_instances(host) == wanted[host.name], host.name
+            assert upstream_ports(host) == wanted[host.name], host.name
+    first = fleet.app_servers[0]
+    listed = on_host(first, "systemctl list-units --all --plain --no-legend 'wsapp@*'")
+    assert f"wsapp@{base[first.name] + 2}" not in listed
 
 
 def test_socket_activation_switches_on_and_off(fleet: Fleet, deployed: object) -> None:
     """app_socket_activation on a running host: systemd holds each port; off again: it does not."""
     host = fleet.app_servers[0]
+    ports = live_ports(host)
     sockets = "systemctl list-units --all --plain --no-legend 'wsapp@*.socket'"
     try:
         for _ in range(2):  # the second run changes nothing
@@ -228,11 +232,14 @@ def test_socket_activation_switches_on_and_off(fleet: Fleet, deployed: object) -
                 "site.yml", "--limit", host.name, "-e", '{"app_socket_activation": true}'
             )
         assert parse_recap(result.stdout)[host.name]["changed"] == 0
-        assert sorted(
-            map(int, re.findall(r"wsapp@(\d+)\.socket +loaded +active", on_host(host, sockets)))
-        ) == [8001, 8002]
-        assert "systemd" in on_host(host, "ss -ltnpH 'sport = :8001'")
-        assert active_instances(host) == [8001, 8002]
+        assert (
+            sorted(
+                map(int, re.findall(r"wsapp@(\d+)\.socket +loaded +active", on_host(host, sockets)))
+            )
+            == ports
+        )
+        assert "systemd" in on_host(host, f"ss -ltnpH 'sport = :{ports[0]}'")
+        assert active_instances(host) == ports
         assert asyncio.run(round_trip(host.address, ca_file(), "via socket")) == "via socket"
     finally:
         ansible_playbook("site.yml", "--limit", host.name)
@@ -243,7 +250,7 @@ def test_socket_activation_switches_on_and_off(fleet: Fleet, deployed: object) -
         ).strip()
         == "0"
     )
-    assert active_instances(host) == [8001, 8002]
+    assert active_instances(host) == ports
     assert asyncio.run(round_trip(host.address, ca_file(), "bound itself")) == "bound itself"
 
 

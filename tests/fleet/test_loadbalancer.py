@@ -21,7 +21,7 @@ from websockets.asyncio.client import connect
 import localfleet
 from localfleet.ansible import ansible_playbook
 from localfleet.demo import ca_file
-from localfleet.instances import instance_get
+from localfleet.instances import instance_get, live_ports
 from tests.fleet import pebble
 from tests.fleet.load import assert_no_failures, load_on, summary
 from tests.fleet.releases import ONE_THEN_THE_REST
@@ -45,7 +45,7 @@ def balancer(fleet: localfleet.Fleet, deployed: object) -> Iterator[localfleet.F
 def open_connections(host: localfleet.FleetHost) -> int:
     """Client connections the app instances of ``host`` hold now."""
     total = 0
-    for port in (8001, 8002):
+    for port in live_ports(host):
         health = instance_get(host, port, "/healthz").stdout
         total += json.loads(health)["connections"] if health else 0
     return total

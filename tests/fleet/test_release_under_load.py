@@ -14,7 +14,13 @@ import localfleet
 from localfleet.ansible import ansible_playbook
 from localfleet.image import RELEASES
 from localfleet.instances import instance_get
-from tests.fleet.load import LONG_LIVED_PER_HOST, assert_no_failures, load_on, summary
+from tests.fleet.load import (
+    LONG_LIVED_PER_HOST,
+    assert_each_closed_at_most_once,
+    assert_no_failures,
+    load_on,
+    summary,
+)
 from tests.fleet.releases import ONE_THEN_THE_REST
 
 
@@ -49,6 +55,7 @@ def test_a_release_under_load_fails_no_connection(
         released = True
         assert_no_failures(load)
         assert load.closes, "no instance restarted: the release did not reach the hosts"
+        assert_each_closed_at_most_once(load)
         assert load.handshakes.done > len(addresses) * LONG_LIVED_PER_HOST
         assert versions(fleet) == {h.name: {"1.0.1-load"} for h in fleet.app_servers}
         print(f"\nrelease under load: {summary(load)}")

@@ -18,8 +18,9 @@ from selenium.webdriver.support.wait import WebDriverWait
 import localfleet
 from localfleet.ansible import ansible_playbook
 from localfleet.image import RELEASES
+from localfleet.instances import live_ports
 from tests.fleet.history import assert_nothing_lost, reference_order, room_traffic
-from tests.fleet.load import assert_no_failures, load_on, summary
+from tests.fleet.load import assert_each_closed_at_most_once, assert_no_failures, load_on, summary
 from tests.fleet.releases import ONE_THEN_THE_REST
 from tests.fleet.test_browser import chromium
 from tests.fleet.test_bus import spans_the_fleet
@@ -104,6 +105,7 @@ def rolled_out(fleet: localfleet.Fleet, deployed: object) -> Iterator[RolledOut]
     try:
         assert_no_failures(load)
         assert load.closes, "no instance restarted"
+        assert_each_closed_at_most_once(load)
         try:
             rolled.room = assert_nothing_lost(traffic)
         except AssertionError:
@@ -114,7 +116,6 @@ def rolled_out(fleet: localfleet.Fleet, deployed: object) -> Iterator[RolledOut]
     finally:
         if not rolled.converged:
             ansible_playbook("site.yml")
-
 
 
 def kill_unit(host: localfleet.FleetHost, unit: str) -> None:
@@ -147,7 +148,7 @@ def test_two_chat_pages_miss_nothing_and_say_what_they_restored(rolled_out: Roll
         assert not isinstance(page, str), page
         messages, notes = page
         assert messages == rolled_out.reference
-        assert any(re.fullmatch(r"reconnected to \S+:80\d\d, \d+ missed messages? restored", n)
+        assert any(re.fullmatch(r"reconnected to \S+:\d+, \d+ missed messages? restored", n)
                    for n in notes), notes  # fmt: skip
 
 
@@ -157,11 +158,12 @@ def test_a_killed_instance_costs_its_members_no_message(
     """An instance SIGKILLed under the room's traffic: its members are cut (1006), come back
     on another instance with their last id and miss nothing; systemd restarts it."""
     host = fleet.app_servers[-1]
-    pid = host.ssh("systemctl show -p MainPID --value wsapp@8002.service").stdout.strip()
+    unit = f"wsapp@{live_ports(host)[-1]}.service"
+    pid = host.ssh(f"systemctl show -p MainPID --value {unit}").stdout.strip()
     with room_traffic([h.address for h in fleet.app_servers], "killed") as traffic:
         time.sleep(3)
-        kill_unit(host, "wsapp@8002.service")
-        wait_until_active(host, "wsapp@8002.service", other_than=pid)
+        kill_unit(host, unit)
+        wait_until_active(host, unit, other_than=pid)
         time.sleep(3)
     figures = assert_nothing_lost(traffic, frozenset({1001, 1012, 1006}))
     closes = figures["closes"]
@@ -222,6 +224,7 @@ def test_rollback_under_load_returns_to_the_previous_release(
         result = ansible_playbook("playbooks/rollback.yml", *ONE_THEN_THE_REST)
     print(f"\nrollback under load: {summary(load)}")
     assert_no_failures(load)
+    assert_each_closed_at_most_once(load)
     assert versions(fleet) == {h.name: {"1.0.0"} for h in fleet.app_servers}
     for host in fleet.app_servers:
         assert re.search(rf"{host.name}\s+2\.0\.0\s+-> 1\.0\.0\s+[\d.]+s\s+ok", result.stdout)

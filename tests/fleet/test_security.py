@@ -22,6 +22,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 import localfleet
 from localfleet.ansible import ansible_playbook
 from localfleet.demo import ca_file, round_trip
+from localfleet.instances import instance_get, live_ports
 from localfleet.settings import GATEWAY, REPO
 from tests.fleet.releases import host_of, per_release
 
@@ -169,7 +170,7 @@ def test_the_public_listeners_show_nothing_of_the_processes(
     status, body = public_get(f"https://{host.address}/metrics/8001")
     assert status != 200, body
     assert "wsapp_" not in body
-    local = json.loads(host.ssh("curl -sf http://127.0.0.1:8001/healthz").stdout)
+    local = json.loads(instance_get(host, live_ports(host)[0], "/healthz").stdout)
     assert {"pid", "port", "version", "connections"} <= set(local), local
 
 
@@ -327,8 +328,9 @@ def test_deployed_unit_scores_at_most_1_5(
     """systemd-analyze security rates the app unit 1.5 or below on each release's systemd
     (Debian 12: 252, Debian 13: 257, which knows more settings to score)."""
     host = host_of(fleet, release)
-    out = host.ssh("systemd-analyze security --no-pager wsapp@8001.service").stdout
-    score = re.search(r"Overall exposure level for wsapp@8001\.service: ([\d.]+)", out)
+    unit = f"wsapp@{live_ports(host)[0]}.service"
+    out = host.ssh(f"systemd-analyze security --no-pager {unit}").stdout
+    score = re.search(rf"Overall exposure level for {re.escape(unit)}: ([\d.]+)", out)
     assert score, out
     assert float(score[1]) <= 1.5
 

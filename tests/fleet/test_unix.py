@@ -19,14 +19,16 @@ from websockets.asyncio.client import connect
 import localfleet
 from localfleet.ansible import ansible_playbook
 from localfleet.demo import ca_file
-from localfleet.instances import instance_get
-from tests.fleet.load import assert_no_failures, load_on, summary
+from localfleet.instances import instance_get, live_ports
+from tests.fleet.load import assert_each_closed_at_most_once, assert_no_failures, load_on, summary
 from tests.fleet.test_release_under_load import versions
 
 # Setup (the session's fleet and deploy, this module's) and teardown ride on the tests.
 pytestmark = pytest.mark.timeout(1200)
 
-PORTS = (8001, 8002)
+# The instances' names (their ports in the first set: /metrics/<name>); they serve on
+# those or on the spare ones, whichever the last handover left (live_ports).
+NAMES = (8001, 8002)
 UNIX = ("-e", "app_listen=unix")
 
 
@@ -53,31 +55,33 @@ async def echo_through_nginx(address: str, text: str) -> str | bytes:
         return await asyncio.wait_for(ws.recv(), 10)
 
 
-def listening(host: localfleet.FleetHost) -> tuple[str, str]:
+def listening(host: localfleet.FleetHost, ports: list[int]) -> tuple[str, str]:
     """The unix sockets listening on the host, and TCP listeners on the instances' ports."""
     unix = on_host(host, "ss -xlnH")
-    tcp = on_host(host, "ss -tlnH '( sport = :8001 or sport = :8002 )'")
+    tcp = on_host(host, f"ss -tlnH '( {' or '.join(f'sport = :{port}' for port in ports)} )'")
     return unix, tcp
 
 
 def check_reached_over_unix(host: localfleet.FleetHost, socket_mode: str) -> None:
     """nginx proxies wss through the sockets; only nginx's group (and root) may connect."""
-    unix, tcp = listening(host)
-    for port in PORTS:
+    ports = live_ports(host)
+    unix, tcp = listening(host, ports)
+    for port in ports:
         assert f"/run/wsapp/{port}.sock" in unix, f"{host.name}: {unix}"
     assert tcp.strip() == "", f"{host.name}: TCP listeners on the instances' ports: {tcp}"
     assert on_host(host, "stat -c '%a %U %G' /run/wsapp").split() == ["750", "wsapp", "www-data"]
-    assert on_host(host, "stat -c '%a' /run/wsapp/8001.sock").strip() == socket_mode
+    first = f"/run/wsapp/{ports[0]}.sock"
+    assert on_host(host, f"stat -c '%a' {first}").strip() == socket_mode
     as_user = "setpriv --reuid={0} --regid={0} --init-groups curl -sf --unix-socket"
-    www = f"{as_user.format('www-data')} /run/wsapp/8001.sock http://localhost/healthz"
-    assert json.loads(on_host(host, www))["port"] == 8001
-    nobody = host.ssh(f"{as_user.format('nobody')} /run/wsapp/8001.sock http://localhost/healthz")
+    www = f"{as_user.format('www-data')} {first} http://localhost/healthz"
+    assert json.loads(on_host(host, www))["port"] == ports[0]
+    nobody = host.ssh(f"{as_user.format('nobody')} {first} http://localhost/healthz")
     assert nobody.returncode != 0, f"{host.name}: nobody reached the instance"
     assert asyncio.run(echo_through_nginx(host.address, host.name)) == host.name
-    for port in PORTS:
+    for name, port in zip(NAMES, ports, strict=True):
         ready = json.loads(instance_get(host, port, "/readyz").stdout)
         assert (ready["status"], ready["port"]) == ("ok", port), ready
-        metrics = on_host(host, f"curl -sf http://127.0.0.1:9180/metrics/{port}")
+        metrics = on_host(host, f"curl -sf http://127.0.0.1:9180/metrics/{name}")
         assert "wsapp_connections_open" in metrics
 
 
@@ -104,7 +108,7 @@ def test_nginx_reaches_the_instances_over_unix_sockets(
     hosts = json.loads(document.read_text())["hosts"]
     for host in on_unix.app_servers:
         ready = {i["port"]: i["ready"] for i in hosts[host.name]["instances"]}
-        assert ready == dict.fromkeys(PORTS, True), (host.name, ready)
+        assert ready == dict.fromkeys(live_ports(host), True), (host.name, ready)
 
 
 def test_a_rollout_on_unix_sockets_fails_no_handshake(on_unix: localfleet.Fleet) -> None:
@@ -115,6 +119,7 @@ def test_a_rollout_on_unix_sockets_fails_no_handshake(on_unix: localfleet.Fleet)
     print(f"\nrollout on unix sockets under load: {summary(load)}")
     assert_no_failures(load)
     assert load.closes, "no instance restarted"
+    assert_each_closed_at_most_once(load)
     assert versions(on_unix) == {h.name: {"4.0.0-unix"} for h in on_unix.app_servers}
 
 
@@ -128,5 +133,5 @@ def test_socket_activation_on_unix_sockets(on_unix: localfleet.Fleet) -> None:
     assert_no_failures(load)
     for host in on_unix.app_servers:
         check_reached_over_unix(host, socket_mode="660")
-        for port in PORTS:
+        for port in live_ports(host):
             assert on_host(host, f"systemctl is-active wsapp@{port}.socket").strip() == "active"
