@@ -18,6 +18,12 @@ from localfleet.ansible import ansible_playbook, parse_recap
 from localfleet.demo import ca_file, round_trip
 from localfleet.instances import live_ports
 from localfleet.settings import INVENTORY, REPO
+from tests.fleet.load import (
+    assert_each_closed_at_most_once,
+    assert_no_failures,
+    load_on,
+    summary,
+)
 
 Fleet = localfleet.Fleet
 
@@ -205,20 +211,36 @@ def test_check_mode_of_a_first_install_changes_nothing(
 
 
 def test_scaling_instances_up_and_back_down(fleet: Fleet, deployed: object) -> None:
-    """app_instances 2 → 4 → 2: exactly those units run and nginx's upstream matches."""
-    # On whichever set of ports the last handover left (8001 and up, or 8101 and up).
-    base = {host.name: live_ports(host)[0] for host in fleet.app_servers}
+    """app_instances 2 → 4 → 2: exactly those units run and nginx's upstream matches. At
+    4, a rollout of one host under load hands all four over: each client closed once."""
+    first = fleet.app_servers[0]
     for count in (2, 4, 2):
-        wanted = {name: list(range(first, first + count)) for name, first in base.items()}
         # The fleet starts on the demo's 2: checked as it is, without a run changing nothing.
-        if any(active_instances(host) != wanted[host.name] for host in fleet.app_servers):
+        if any(len(active_instances(host)) != count for host in fleet.app_servers):
             ansible_playbook("site.yml", "-e", f"app_instances={count}")
         for host in fleet.app_servers:
-            assert active_instances(host) == wanted[host.name], host.name
-            assert upstream_ports(host) == wanted[host.name], host.name
-    first = fleet.app_servers[0]
+            ports = active_instances(host)
+            # On whichever set the last handover left: 8001 and up, or 8101 and up.
+            assert ports in (list(range(8001, 8001 + count)), list(range(8101, 8101 + count)))
+            assert upstream_ports(host) == ports, host.name
+        if count == 4:
+            before = active_instances(first)
+            with load_on([first.address]) as load:
+                ansible_playbook(
+                    "playbooks/rollout.yml", "--limit", first.name,
+                    "-e", "app_instances=4", "-e", "app_version=1.0.2-four",
+                )  # fmt: skip
+            print(f"\nrollout of four instances under load: {summary(load)}")
+            assert_no_failures(load)
+            assert load.closes, "no instance was handed over"
+            assert_each_closed_at_most_once(load)
+            after = active_instances(first)
+            assert len(after) == 4, after
+            assert not set(after) & set(before), (before, after)
+            assert upstream_ports(first) == after
+    # Stopped and disabled, a unit may stay listed a while as "inactive dead".
     listed = on_host(first, "systemctl list-units --all --plain --no-legend 'wsapp@*'")
-    assert f"wsapp@{base[first.name] + 2}" not in listed
+    assert not re.search(r"wsapp@(8003|8004|8103|8104)\.\S+ +loaded +(?!inactive +dead)", listed)
 
 
 def test_socket_activation_switches_on_and_off(fleet: Fleet, deployed: object) -> None:
