@@ -26,6 +26,8 @@ from tests.fleet.test_browser import chromium
 from tests.fleet.test_bus import spans_the_fleet
 from tests.fleet.test_release_under_load import versions
 
+SITE = "/etc/nginx/sites-available/wsfleet.conf"
+
 
 def current_release(host: localfleet.FleetHost) -> str:
     return host.ssh("readlink /opt/wsapp/current").stdout.strip().rsplit("/", 1)[-1]
@@ -41,6 +43,7 @@ class RolledOut:
     room: dict[str, object]
     reference: list[str]
     pages: list[tuple[list[str], list[str]] | str]
+    sites: dict[str, str]  # each host's nginx site before the rollout
     converged: bool = False
 
 
@@ -84,6 +87,7 @@ def rolled_out(fleet: localfleet.Fleet, deployed: object) -> Iterator[RolledOut]
     assert {h.release for h in fleet.app_servers} == set(RELEASES)
     addresses = [h.address for h in fleet.app_servers]
     bookworm = next(h for h in fleet.app_servers if h.release == "bookworm")
+    sites = {h.name: h.ssh(f"cat {SITE}").stdout for h in fleet.app_servers}
     with contextlib.ExitStack() as stack:
         browsers = [stack.enter_context(contextlib.contextmanager(chromium)()) for _ in range(2)]
         for host, browser in zip(fleet.app_servers, browsers, strict=False):
@@ -101,7 +105,7 @@ def rolled_out(fleet: localfleet.Fleet, deployed: object) -> Iterator[RolledOut]
         expected = len(reference_order(traffic))
         pages = [shown(browser, expected) for browser in browsers]
     print(f"\nrollout under load: {summary(load)}")
-    rolled = RolledOut(result.stdout, {}, reference_order(traffic), pages)
+    rolled = RolledOut(result.stdout, {}, reference_order(traffic), pages, sites)
     try:
         assert_no_failures(load)
         assert load.closes, "no instance restarted"
@@ -228,6 +232,10 @@ def test_rollback_under_load_returns_to_the_previous_release(
     assert versions(fleet) == {h.name: {"1.0.0"} for h in fleet.app_servers}
     for host in fleet.app_servers:
         assert re.search(rf"{host.name}\s+2\.0\.0\s+-> 1\.0\.0\s+[\d.]+s\s+ok", result.stdout)
+    # rollback.yml writes nginx's site itself (its handovers move the upstream): the same
+    # as the nginx role wrote it before the rollout, on the same ports again.
+    for host in fleet.app_servers:
+        assert host.ssh(f"cat {SITE}").stdout == rolled_out.sites[host.name], host.name
     # Back on the deploy's release and configuration, as site.yml leaves the fleet (the
     # wheels of the builds rolled back from stay until the next site.yml's cleanup).
     rolled_out.converged = True
