@@ -52,14 +52,7 @@ class Member:
         """A member once the server has it in the room: its hello comes after the join, so
         a message sent from then on reaches it (a busy server may take a while to join)."""
         member = cls(await connect(f"{app.url}/ws/{room}?events=1"))
-        deadline = time.monotonic() + 10
-        while member.instance is None:
-            member._changed.clear()
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise AssertionError(f"no hello from {app.url} within 10 s of joining {room!r}")
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(member._changed.wait(), left)
+        await member._until(lambda: member.instance is not None, 10, f"a hello from {app.url}")
         return member
 
     async def _read(self) -> None:
@@ -77,12 +70,17 @@ class Member:
 
     async def wait_members(self, count: int, timeout: float) -> None:
         """Wait until the room's count, as told to this client, is ``count``."""
+        await self._until(lambda: self.members == count, timeout, f"members {count}")
+
+    async def _until(self, condition: Callable[[], bool], timeout: float, what: str) -> None:
+        """Wait, event by event, until ``condition`` holds; fail naming ``what`` after
+        ``timeout`` seconds."""
         deadline = time.monotonic() + timeout
-        while self.members != count:
+        while not condition():
             self._changed.clear()
             left = deadline - time.monotonic()
             if left <= 0:
-                raise AssertionError(f"members {self.members}, not {count}, after {timeout}s")
+                raise AssertionError(f"not within {timeout}s: {what} (members {self.members})")
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._changed.wait(), left)
 

@@ -109,9 +109,9 @@ _preparation: _Preparation | None = None
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
-    """With fleet tests to run, make ready to bring the fleet up (building its images if
-    needed) and, if a test wants it deployed, to run the session's first site.yml, in the
-    background: the fixtures below then wait for it."""
+    """With fleet tests to run, bring the fleet up (building its images if needed) and, if
+    a test wants it deployed, run the session's first site.yml, in the background: the
+    fixtures below then wait for it."""
     global _preparation
     if session.config.option.collectonly or os.geteuid() != 0:
         return
