@@ -2,7 +2,8 @@
 
     .venv/bin/python -m bench.fleet_bench [--idle 20000] [--capacity 50000] [--seconds 5]
                                           [--out bench/out]
-                                          [--only host|fan-out|idle|capacity|listen]
+                                          [--rollout 20000]
+                                          [--only host|fan-out|idle|capacity|listen|rollout]
                                           [--set VAR=VALUE]
 
 Deploys site.yml with bench/vars.yml over the demo settings to the local fleet (booting
@@ -27,7 +28,12 @@ first host only (``--limit``), 5 over every host:
 6. capacity, on the first host: --capacity idle wss connections (50,000) with N=3 and
    CAPACITY_VARS, the clients spread over CAPACITY_WORKERS source addresses added to the
    bridge for the run (one address reaches one destination from about 28,000 ports):
-   refused, memory per connection.
+   refused, memory per connection;
+8. rollouts, on the first host: --rollout wss connections (20,000) held with N=2, each
+   client reconnecting at once when closed, through two ``rollout.yml --limit`` runs whose
+   old instances drain over 1 s and over 10 s (``app_drain_spread``): handshakes per client
+   (1.0: each closed once), the time until every client is back, the peak of handshakes
+   per second and a reconnect's p50/p99, side by side.
 
 ``--only listen`` runs, alone, 7: nginx+TLS to the app over TCP loopback vs over a unix
 socket (``app_listen``), N=1 on the first host: the most 64 B and 16 KiB echo each
@@ -54,6 +60,7 @@ import resource
 import subprocess
 import sys
 import time
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,10 +69,11 @@ from typing import Any
 import localfleet
 from bench import loadgen
 from bench.loadgen import PATHS, FanOut, Result
+from localfleet import load as clients
 from localfleet.ansible import ansible_playbook
 from localfleet.demo import ca_file
 from localfleet.hosts import host_pid
-from localfleet.instances import instance_get
+from localfleet.instances import instance_get, live_ports
 from localfleet.settings import BRIDGE, LB_HOST, NETWORK, REPO
 
 VARS = REPO / "bench" / "vars.yml"
@@ -87,6 +95,19 @@ CAPACITY_VARS = [
     "app_max_connections=18000",
     # nginx's workers and their limits sized for the target (roles/nginx/vars).
     "nginx_connection_target=50000",
+]
+# Scenario 8: two rollouts of the first host (N=2) while --rollout clients hold a
+# connection each and reconnect at once when closed: the old instances drain over
+# app_drain_spread, ROLLOUT_SPREADS[0] s in the first, [1] s in the second (the spread is
+# the draining instances', set by the deploy before: the second rollout's release).
+ROLLOUT_SPREADS = (1, 10)
+ROLLOUT_VARS = [
+    # Half the clients on each instance, and headroom for an uneven spread.
+    "app_max_connections=15000",
+    # The old and the new workers hold connections together while the old ones drain.
+    "nginx_connection_target=40000",
+    # The drain must outlast the spread (the preflight checks it).
+    "app_drain_timeout=30",
 ]
 SATURATED = 0.9  # share of a core past which a client process is said to be the limit
 # Scenario 5: 10 members per process on 3 hosts of N=2; at 200 messages/s the bus owes
@@ -161,7 +182,11 @@ def open_connections(host: localfleet.FleetHost, instances: int) -> list[int]:
         OSError: when an instance does not answer.
     """
     counts = []
-    for port in range(BASE_PORT, BASE_PORT + instances):
+    # The instances' ports: a handover moves them to the other set (8101 and up).
+    ports = live_ports(host, APP)
+    if len(ports) != instances:
+        raise OSError(f"{host.name}: {len(ports)} instances serve, not {instances}")
+    for port in ports:
         result = instance_get(host, port, "/healthz")
         if result.returncode != 0:
             raise OSError(f"{host.name}: instance {port} does not answer /healthz")
@@ -490,6 +515,120 @@ def capacity_section(run: dict[str, Any], target: int) -> list[str]:
         f"| {r.done:,} | {r.failed} | {r.rate:,.0f} | {run['per_instance']} | "
         f"{k['app']:.1f} | {k['nginx']:.1f} | {run['after'].rss['app'] / 1024:,.0f} | "
         f"{run['after'].rss['nginx'] / 1024:,.0f} | {max(r.client_cpu, default=0):.0%} |",
+        "",
+    ]
+
+
+def rollout_figures(result: loadgen.Rollout, start: float, end: float) -> dict[str, float]:
+    """Scenario 8's figures for the rollout between ``start`` and ``end`` (monotonic)."""
+    per_client = [sum(start <= t < end for t in times) for times in result.handshakes_at]
+    held = max(len(per_client), 1)
+    moments = sorted(t for times in result.handshakes_at for t in times if start <= t < end)
+    per_second = Counter(int(t - start) for t in moments)
+    waits = [back - closed for closed, back in result.reconnects if start <= closed < end]
+    closes = [closed for closed, _back in result.reconnects if start <= closed < end]
+    return {
+        "handshakes per client": sum(per_client) / held,
+        "clients with more than one": sum(count > 1 for count in per_client),
+        "most per client": max(per_client, default=0),
+        "all back after": (moments[-1] - min(closes)) if moments and closes else float("nan"),
+        "peak handshakes/s": max(per_second.values(), default=0),
+        "p50 reconnect ms": clients.quantile(waits, 0.5) * 1000,
+        "p99 reconnect ms": clients.quantile(waits, 0.99) * 1000,
+    }
+
+
+def rollout_run(
+    host: localfleet.FleetHost, ca: Path, args: argparse.Namespace, lines: list[str]
+) -> dict[int, dict[str, float]]:
+    """Scenario 8: --rollout clients on ``host`` (N=2) through two rollouts, whose old
+    instances drain over each of ROLLOUT_SPREADS; the figures of each, by spread."""
+    first, second = ROLLOUT_SPREADS
+    took = deploy(2, [*args.set, *ROLLOUT_VARS, f"app_drain_spread={first}"], limit=host.name)
+    print(f"deploy N=2, {' '.join(ROLLOUT_VARS)} to {host.name}: {took:.0f} s")
+    wait_until_idle(host, 2)
+    opened = multiprocessing.Value("i", 0)
+    ramped = multiprocessing.Value("i", 0)
+    release = multiprocessing.Event()
+    windows: dict[int, tuple[float, float]] = {}
+    stamp = time.strftime("%Y%m%d%H%M%S")
+
+    def rollouts() -> None:
+        end = time.monotonic() + 600
+        while ramped.value < IDLE_WORKERS and time.monotonic() < end:
+            time.sleep(0.2)
+        target = opened.value
+        try:
+            for number, spread in enumerate((first, second)):
+                started = time.monotonic()
+                # The new instances drain over ``second`` when the next rollout replaces them.
+                ansible_playbook(
+                    "playbooks/rollout.yml", "--limit", host.name, "-e", f"@{VARS}",
+                    *(arg for value in [*args.set, *ROLLOUT_VARS] for arg in ("-e", value)),
+                    "-e", f"app_drain_spread={second}", "-e", "app_instances=2",
+                    "-e", f"app_version=bench-{stamp}-{number}",
+                )  # fmt: skip
+                deadline = time.monotonic() + 300
+                while opened.value < target and time.monotonic() < deadline:
+                    time.sleep(0.1)
+                windows[spread] = (started, time.monotonic())
+                print(f"rollout {number + 1} (drain over {spread} s): {opened.value:,} of "
+                      f"{target:,} back in {time.monotonic() - started:.0f} s")  # fmt: skip
+        finally:
+            release.set()
+
+    per_worker = args.rollout // IDLE_WORKERS
+    result = loadgen.in_workers(
+        loadgen.hold_through_rollout,
+        lambda _i: (f"wss://{host.address}/", str(ca), per_worker, 256, opened, ramped, release),
+        IDLE_WORKERS,
+        timeout=1800,
+        while_running=rollouts,
+        kind=loadgen.Rollout,
+    )
+    assert isinstance(result, loadgen.Rollout)
+    figures = {spread: rollout_figures(result, *window) for spread, window in windows.items()}
+    for spread, f in figures.items():
+        line = (
+            f"rollout of {host.name} holding {result.done:,} connections ({result.failed} "
+            f"refused), drain over {spread} s: {f['handshakes per client']:.3f} handshakes per "
+            f"client (most {f['most per client']:.0f}, {f['clients with more than one']:.0f} "
+            f"with more than one), all back in {f['all back after']:.1f} s, peak "
+            f"{f['peak handshakes/s']:,.0f} handshakes/s, reconnect p50 "
+            f"{f['p50 reconnect ms']:.0f} ms p99 {f['p99 reconnect ms']:.0f} ms; closes "
+            f"{dict(result.closes)}; {client_note(result)}"
+        )
+        print(line)
+        lines.append(line)
+    if len(figures) == len(ROLLOUT_SPREADS):
+        ratio(
+            lines,
+            f"rollout peak handshakes/s, drain over {first} s/{second} s",
+            figures[first]["peak handshakes/s"] / max(figures[second]["peak handshakes/s"], 1),
+        )
+    wait_until_idle(host, 2)
+    return figures
+
+
+def rollout_section(figures: dict[int, dict[str, float]], target: int) -> list[str]:
+    """Report section 8."""
+    rows = [
+        f"| {spread} s | {f['handshakes per client']:.3f} | {f['most per client']:.0f} | "
+        f"{f['all back after']:.1f} s | {f['peak handshakes/s']:,.0f} | "
+        f"{f['p50 reconnect ms']:.0f} ms | {f['p99 reconnect ms']:.0f} ms |"
+        for spread, f in figures.items()
+    ]
+    return [
+        f"## 8. A rollout of one host holding {target:,} connections (N=2, through nginx+TLS)",
+        "",
+        "Each client reconnects at once when its instance closes it (1012). `rollout.yml "
+        "--limit` hands the host's instances over: new ones on the spare ports, nginx moved "
+        "to them, the old ones drained over `app_drain_spread`.",
+        "",
+        "| drain over | handshakes per client | most | all back | peak handshakes/s "
+        "| reconnect p50 | p99 |",
+        "|---|---|---|---|---|---|---|",
+        *rows,
         "",
     ]
 
@@ -950,6 +1089,10 @@ def main() -> int:
         help=f"idle connections to hold with N={CAPACITY_INSTANCES} (scenario 6); 0: none",
     )  # fmt: skip
     parser.add_argument(
+        "--rollout", type=int, default=20000,
+        help="connections held through the rollouts of scenario 8; 0: none",
+    )  # fmt: skip
+    parser.add_argument(
         "--seconds", type=float, default=5.0, help="length of each echo or fan-out run, s"
     )
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "out")
@@ -958,10 +1101,10 @@ def main() -> int:
         help="a role variable for the deploys (ansible -e), to measure a tuning; repeatable",
     )  # fmt: skip
     parser.add_argument(
-        "--only", choices=["host", "fan-out", "idle", "capacity", "listen"],
+        "--only", choices=["host", "fan-out", "idle", "capacity", "listen", "rollout"],
         help="only scenarios 1-4 (on the first host), only 5 (over every host), only the "
         "idle memory of 1 (a tuning's KiB per connection in a minute or two), only 6, or "
-        "only 7 (TCP loopback vs unix socket, on the first host)",
+        "only 7 (TCP loopback vs unix socket, on the first host), or only 8 (rollouts)",
     )  # fmt: skip
     args = parser.parse_args()
     # Every idle connection is a descriptor in one of the client processes (a quarter of
@@ -971,6 +1114,7 @@ def main() -> int:
     for option, target, workers in (
         ("--idle", args.idle, IDLE_WORKERS),
         ("--capacity", args.capacity, CAPACITY_WORKERS),
+        ("--rollout", args.rollout, IDLE_WORKERS),
     ):
         if target // workers + 1024 > hard:
             parser.error(
@@ -1010,6 +1154,9 @@ def main() -> int:
             sections += listen_scenario(hosts[0], ca, args, ratios)
         elif args.only in (None, "host"):
             sections += host_scenarios(hosts[0], ca, args, ratios)
+        if args.only in (None, "rollout") and args.rollout:
+            figures = rollout_run(hosts[0], ca, args, ratios)
+            sections += rollout_section(figures, args.rollout)
         if fan_out:
             sections += fan_out_scenario(hosts, ca, args, ratios)
         report(args.out, context, ratios, sections)

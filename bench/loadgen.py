@@ -31,11 +31,13 @@ __all__ = [
     "PATHS",
     "FanOut",
     "Result",
+    "Rollout",
     "echo_at_rate",
     "echo_closed_loop",
     "fan_out",
     "handshakes",
     "hold_idle",
+    "hold_through_rollout",
     "in_workers",
 ]
 
@@ -271,6 +273,106 @@ async def hold_idle(
             await ws.close()
 
     await asyncio.gather(*(close(ws) for ws in held), return_exceptions=True)
+    return result
+
+
+@dataclass
+class Rollout(Result):
+    """What clients held through rollouts saw (done: connections opened by the ramp),
+    merged over its client processes. Times are time.monotonic(), one clock for every
+    process of the machine, so that the parent cuts them into one window per rollout."""
+
+    # Per client, when each of its handshakes after the ramp completed.
+    handshakes_at: list[list[float]] = field(default_factory=list)
+    # Each reconnect: when its connection closed, and when the new one's handshake completed.
+    reconnects: list[tuple[float, float]] = field(default_factory=list)
+    closes: Counter[int] = field(default_factory=Counter)  # close codes after the ramp
+
+    def merge(self, other: Result) -> None:
+        super().merge(other)
+        if isinstance(other, Rollout):
+            self.handshakes_at += other.handshakes_at
+            self.reconnects += other.reconnects
+            self.closes.update(other.closes)
+
+
+async def hold_through_rollout(
+    url: str,
+    ca_file: str | None,
+    count: int,
+    concurrency: int,
+    opened: Any,
+    ramped: Any,
+    release: Any,
+) -> Rollout:
+    """Open ``count`` connections and hold them until released; a connection the server
+    closes with 1001 or 1012 (a drain) reconnects at once, as a client of a restarting
+    service does. Notes, after this process's ramp, when each client's handshakes
+    completed and each reconnect's close and completion. ``opened`` (shared) counts the
+    connections open now, ``ramped`` the processes done opening theirs; ``release`` (an
+    event) ends the hold."""
+    result = Rollout()
+    context = client_context(ca_file)
+    gate = asyncio.Semaphore(concurrency)
+    loop = asyncio.get_running_loop()
+    started = time.monotonic()
+    stop = asyncio.Event()
+    ramp_done = asyncio.Event()
+    result.handshakes_at = [[] for _ in range(count)]
+    current: list[ClientConnection | None] = [None] * count
+
+    def counted(delta: int) -> None:
+        with opened.get_lock():
+            opened.value += delta
+
+    async def client(number: int) -> None:
+        closed_at: float | None = None
+        while not stop.is_set():
+            async with gate:
+                try:
+                    ws = await connect(url, ssl=context, compression=None, open_timeout=60,
+                                       ping_interval=None)  # fmt: skip
+                except Exception as error:  # every refusal is a figure
+                    result.fail(error)
+                    return
+            now = time.monotonic()
+            current[number] = ws
+            counted(1)
+            if ramp_done.is_set():
+                result.handshakes_at[number].append(now)
+            if closed_at is None:
+                result.done += 1
+            else:
+                result.reconnects.append((closed_at, now))
+            await ws.wait_closed()
+            closed_at = time.monotonic()
+            counted(-1)
+            if stop.is_set():
+                return
+            result.closes[ws.close_code or 1006] += 1
+            if ws.close_code not in (1001, 1012):
+                return
+
+    clients = [asyncio.create_task(client(n)) for n in range(count)]
+    while result.done + result.failed < count:  # noqa: ASYNC110 - a count, not an event
+        await asyncio.sleep(0.1)
+    result.seconds = time.monotonic() - started
+    with ramped.get_lock():
+        ramped.value += 1
+    ramp_done.set()
+    await loop.run_in_executor(None, release.wait)
+    stop.set()
+    # Closing handshakes, so that the server closes each TCP connection first and the
+    # TIME_WAIT states land there.
+    gate = asyncio.Semaphore(256)
+
+    async def close(ws: ClientConnection | None) -> None:
+        if ws is not None:
+            async with gate:
+                await ws.close()
+
+    await asyncio.gather(*(close(ws) for ws in current), return_exceptions=True)
+    await asyncio.gather(*clients, return_exceptions=True)
     return result
 
 

@@ -240,8 +240,15 @@ def test_app_site_believes_only_the_load_balancers(nginx_prefix: Path) -> None:
     site = (nginx_prefix / "sites-enabled" / "wsfleet.conf").read_text()
     assert "set_real_ip_from 192.0.2.10;" in site
     assert "real_ip_header X-Forwarded-For;" in site
+    # A rollout's hold answers the balancers' handshakes 503, not the direct clients'.
+    via = r"geo \$realip_remote_addr \$wsfleet_via_balancer \{\s+default 0;\s+192\.0\.2\.10 1;"
+    held = r"if \(-f /run/wsfleet-balancer-hold\) \{\s+set \$wsfleet_hold \$wsfleet_via_balancer;"
+    assert re.search(via, site)
+    assert re.search(held, site)
     assert nginx_check(nginx_prefix).returncode == 0
-    assert "set_real_ip_from" not in (nginx_prefix / "sites-enabled" / "wsfleet.conf").read_text()
+    direct = (nginx_prefix / "sites-enabled" / "wsfleet.conf").read_text()
+    assert "set_real_ip_from" not in direct
+    assert "wsfleet_hold" not in direct
 
 
 def test_nginx_accepts_restricted_app_paths(nginx_prefix: Path) -> None:
