@@ -31,7 +31,7 @@ first host only (``--limit``), 5 over every host:
    refused, memory per connection;
 8. rollouts, on the first host: --rollout wss connections (20,000) held with N=2, each
    client reconnecting at once when closed, through two ``rollout.yml --limit`` runs whose
-   old instances drain over 1 s and over 10 s (``app_drain_spread``): handshakes per client
+   old instances drain over 1 s and over 30 s (``app_drain_spread``): handshakes per client
    (1.0: each closed once), the time until every client is back, the peak of handshakes
    per second and a reconnect's p50/p99, side by side.
 
@@ -100,14 +100,14 @@ CAPACITY_VARS = [
 # connection each and reconnect at once when closed: the old instances drain over
 # app_drain_spread, ROLLOUT_SPREADS[0] s in the first, [1] s in the second (the spread is
 # the draining instances', set by the deploy before: the second rollout's release).
-ROLLOUT_SPREADS = (1, 10)
+ROLLOUT_SPREADS = (1, 30)
 ROLLOUT_VARS = [
     # Half the clients on each instance, and headroom for an uneven spread.
     "app_max_connections=15000",
     # The old and the new workers hold connections together while the old ones drain.
     "nginx_connection_target=40000",
     # The drain must outlast the spread (the preflight checks it).
-    "app_drain_timeout=30",
+    "app_drain_timeout=60",
 ]
 SATURATED = 0.9  # share of a core past which a client process is said to be the limit
 # Scenario 5: 10 members per process on 3 hosts of N=2; at 200 messages/s the bus owes
@@ -595,11 +595,14 @@ def rollout_run(
             f"client (most {f['most per client']:.0f}, {f['clients with more than one']:.0f} "
             f"with more than one), all back in {f['all back after']:.1f} s, peak "
             f"{f['peak handshakes/s']:,.0f} handshakes/s, reconnect p50 "
-            f"{f['p50 reconnect ms']:.0f} ms p99 {f['p99 reconnect ms']:.0f} ms; closes "
-            f"{dict(result.closes)}; {client_note(result)}"
+            f"{f['p50 reconnect ms']:.0f} ms p99 {f['p99 reconnect ms']:.0f} ms; "
+            f"{client_note(result)}"
         )
         print(line)
         lines.append(line)
+    line = f"rollout closes, both rollouts: {dict(result.closes)}"
+    print(line)
+    lines.append(line)
     if len(figures) == len(ROLLOUT_SPREADS):
         ratio(
             lines,
