@@ -21,6 +21,7 @@ from localfleet.ansible import ansible_playbook
 from localfleet.demo import ca_file
 from localfleet.instances import instance_get, live_ports
 from tests.fleet.load import assert_each_closed_at_most_once, assert_no_failures, load_on, summary
+from tests.fleet.releases import ONE_THEN_THE_REST
 from tests.fleet.test_release_under_load import versions
 
 # Setup (the session's fleet and deploy, this module's) and teardown ride on the tests.
@@ -128,10 +129,14 @@ def test_socket_activation_on_unix_sockets(on_unix: localfleet.Fleet) -> None:
 
 def test_a_rollout_on_unix_sockets_fails_no_handshake(on_unix: localfleet.Fleet) -> None:
     """rollout.yml under load with app_listen unix and socket activation (as the test
-    before left the fleet): 0 failed handshakes, only 1012, each client closed once."""
+    before left the fleet), one host then the other two: 0 failed handshakes, only 1012,
+    each client closed once."""
     addresses = [h.address for h in on_unix.app_servers]
     with load_on(addresses) as load:
-        ansible_playbook("playbooks/rollout.yml", *UNIX, *ACTIVATED, "-e", "app_version=4.0.0-unix")
+        ansible_playbook(
+            "playbooks/rollout.yml", *ONE_THEN_THE_REST, *UNIX, *ACTIVATED,
+            "-e", "app_version=4.0.0-unix",
+        )  # fmt: skip
     print(f"\nrollout on unix sockets under load: {summary(load)}")
     assert_no_failures(load)
     assert load.closes, "no instance restarted"
