@@ -78,7 +78,6 @@ from localfleet.settings import BRIDGE, LB_HOST, NETWORK, REPO
 
 VARS = REPO / "bench" / "vars.yml"
 APP = "wsapp"  # app_name of the demo inventory
-BASE_PORT = 8001
 # Offered loads (messages/s over all connections), from light to past what one 2-core
 # host carries through nginx+TLS, so the plots show where latency turns up.
 LOADS = {64: [2000, 8000, 16000, 24000], 16 * 1024: [1000, 3000, 6000, 9000]}
@@ -283,7 +282,9 @@ def echo_targets(host: localfleet.FleetHost, ca: Path, direct: bool) -> dict[str
     """The echo paths: through nginx+TLS, and straight to the instance's port if it has one."""
     targets: dict[str, Any] = {"nginx+TLS": (f"wss://{host.address}/", str(ca))}
     if direct:
-        targets = {"direct": (f"ws://{host.address}:{BASE_PORT}/", None), **targets}
+        # The first instance's port, whichever set the last handover left it on.
+        port = live_ports(host, APP)[0]
+        targets = {"direct": (f"ws://{host.address}:{port}/", None), **targets}
     return targets
 
 
