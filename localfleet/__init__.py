@@ -6,7 +6,7 @@ What ``make demo``, ``make bench`` and the fleet tests deploy to, over real SSH,
 ``ansible-playbook site.yml`` like any real fleet. One module per concern:
 
 - :mod:`localfleet.settings`: where the state lives, the bridge, the addresses, the names;
-- :mod:`localfleet.image`: the base images, one per Debian release (debootstrap, cached,
+- :mod:`localfleet.image`: the base images, one per Debian release (mmdebstrap, cached,
   rebuilt on a new recipe);
 - :mod:`localfleet.network`: the private bridge;
 - :mod:`localfleet.hosts`: one container: overlay, boot, readiness, SSH, stop;

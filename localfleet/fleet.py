@@ -35,7 +35,7 @@ __all__ = ["down", "leftovers", "preflight", "up"]
 
 REQUIRED_COMMANDS = {
     "systemd-nspawn": "systemd-container",
-    "debootstrap": "debootstrap",
+    "mmdebstrap": "mmdebstrap",
     "ip": "iproute2",
     "ssh": "openssh-client",
     "ssh-keygen": "openssh-client",

@@ -1,11 +1,13 @@
-"""The base images hosts boot from: a debootstrap of each Debian release, cached in
-.fleet/images/<release>.
+"""The base images hosts boot from: a minimal Debian of each release (mmdebstrap), cached
+in .fleet/images/<release>.
 
 The hosts have no route to any package registry, so an image carries the apt lists and
 the .deb archives of what the roles install (PREFETCH): ``apt-get install`` then works
 offline, as long as it is not asked to update its lists first. An image is rebuilt when
 its recipe (the constants below and its release) changes; two images are built side by
-side, since each debootstrap mostly waits on the network and on dpkg.
+side, since each build mostly waits on the network and on dpkg. mmdebstrap, not
+debootstrap: it fetches with apt, in parallel, and builds an image in about 25 s where
+debootstrap took 95 s (the two side by side on the 2-core machine, 2026-12-05).
 """
 
 from __future__ import annotations
@@ -62,13 +64,13 @@ INCLUDE = [
 ]
 # What the roles install with apt: fetched into the image (lists and archives), not installed.
 PREFETCH = ["nginx", "python3-venv", "nats-server"]
-RECIPE_VERSION = "3"  # bump when the build steps below change in a way the lists don't show
-# Each download's bounds, for debootstrap's wget and for apt: a stalled mirror fails the
-# build in minutes, naming the mirror, instead of holding it for as long as it stalls.
+RECIPE_VERSION = "4"  # bump when the build steps below change in a way the lists don't show
+# Each download's bounds, for apt (mmdebstrap's and the image's): a stalled mirror fails
+# the build in minutes, naming the mirror, instead of holding it for as long as it stalls.
 DOWNLOAD_TIMEOUT = 30
 DOWNLOAD_TRIES = 3
-APT_BOUNDS = ["-o", f"Acquire::http::Timeout={DOWNLOAD_TIMEOUT}",
-              "-o", f"Acquire::Retries={DOWNLOAD_TRIES - 1}"]  # fmt: skip
+APT_OPTIONS = {"Acquire::http::Timeout": DOWNLOAD_TIMEOUT, "Acquire::Retries": DOWNLOAD_TRIES - 1}
+APT_BOUNDS = [word for key, value in APT_OPTIONS.items() for word in ("-o", f"{key}={value}")]
 
 
 def image_dir(release: str) -> Path:
@@ -92,25 +94,26 @@ def sources(release: str) -> str:
 
 
 def build_image(release: str) -> None:
-    """Debootstrap the release's image unless the cached one was built from this recipe."""
+    """Build the release's image unless the cached one was built from this recipe."""
     if release not in RELEASES:
         raise FleetError(f"unknown release {release!r}: choose one of {', '.join(RELEASES)}")
     image = image_dir(release)
     stamp = image / ".wsfleet-recipe"
     if stamp.is_file() and stamp.read_text().strip() == recipe_hash(release):
         return
-    log(f"building the {release} image; this takes a few minutes")
+    log(f"building the {release} image; this takes about half a minute")
     started = time.monotonic()
     IMAGES.mkdir(parents=True, exist_ok=True)
     scratch = SHARED_STATE / f"image-{release}.new"
     shutil.rmtree(scratch, ignore_errors=True)
-    wgetrc = SHARED_STATE / f"wgetrc-{release}"
-    wgetrc.write_text(f"timeout = {DOWNLOAD_TIMEOUT}\ntries = {DOWNLOAD_TRIES}\n")
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive", "WGETRC": str(wgetrc)}
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     chroot = ["chroot", str(scratch)]
     try:
-        run(["debootstrap", "--variant=minbase", f"--include={','.join(INCLUDE)}",
+        run(["mmdebstrap", "--variant=minbase", f"--include={','.join(INCLUDE)}",
+             *(f'--aptopt={key} "{value}"' for key, value in APT_OPTIONS.items()),
              release, str(scratch), MIRROR], env=env)  # fmt: skip
+        # The bounds were the build's: the hosts' apt keeps its defaults.
+        (scratch / "etc/apt/apt.conf.d/99mmdebstrap").unlink(missing_ok=True)
         (scratch / "etc/apt/sources.list").unlink(missing_ok=True)
         (scratch / "etc/apt/sources.list.d/debian.sources").write_text(sources(release))
         run([*chroot, "apt-get", *APT_BOUNDS, "update", "-q"], env=env)
@@ -120,8 +123,6 @@ def build_image(release: str) -> None:
         raise FleetError(
             f"the {release} image could not be downloaded from {MIRROR}: {error}"
         ) from None
-    finally:
-        wgetrc.unlink(missing_ok=True)
     # networkd gives host0 its static address; the apt timers would try the network.
     run([*chroot, "systemctl", "enable", "systemd-networkd", "ssh"])
     run([*chroot, "systemctl", "mask", "apt-daily.timer", "apt-daily-upgrade.timer",

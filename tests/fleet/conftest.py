@@ -89,8 +89,8 @@ class _Preparation:
 
     def _run(self) -> None:
         try:
-            # Missing or stale images are built first (about 80 s from a clean clone,
-            # mostly the mirror and dpkg; `make test` starts that build before lint).
+            # Missing or stale images are built first (about 30 s from a clean clone;
+            # `make test` starts that build before pytest, and this waits for it).
             self.hosts = localfleet.up(hosts=3, releases=MIX)
         except localfleet.FleetError as error:
             print(error, file=sys.stderr)

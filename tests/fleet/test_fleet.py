@@ -134,11 +134,11 @@ def test_up_without_root_says_so_and_touches_nothing(fleet: localfleet.Fleet) ->
 
 
 def test_up_without_the_tools_names_the_packages(fleet: localfleet.Fleet) -> None:
-    """`up` on a machine without systemd-nspawn or debootstrap names the apt packages."""
+    """`up` on a machine without systemd-nspawn or mmdebstrap names the apt packages."""
     before = hosts.nspawn_pids()
     result = localfleet_cli("up", env={**os.environ, "PATH": "/nonexistent"})
     assert result.returncode == 1
     assert "apt-get install" in result.stderr
-    for package in ("systemd-container", "debootstrap", "iproute2", "openssh-client"):
+    for package in ("systemd-container", "mmdebstrap", "iproute2", "openssh-client"):
         assert package in result.stderr
     assert hosts.nspawn_pids() == before
