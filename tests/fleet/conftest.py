@@ -27,13 +27,15 @@ import pytest
 import localfleet
 from localfleet.ansible import ansible_playbook, failure_summary
 from localfleet.image import MIX
+from tests.fleet.restore import RESTORE
 
 # The fleet modules, longest first (roughly their minutes in one process on 2 cores, from
 # pytest --durations and the playbook log: docs/testing.md). Under ``make test
 # TEST_WORKERS=2`` the two workers take whole modules in this order (pytest-xdist's
 # loadfile, not reordered), each on a fleet of its own, the next module going to whichever
 # finishes first: longest first leaves short modules to even out the end. Each module
-# restores what it changes, so a module runs the same on either fleet and after any other.
+# restores what it changes (itself, or through RESTORE below), so a module runs the same on
+# either fleet and after any other.
 # test_fleet.py is not here: it kills and boots a host again, so it goes after them all.
 ORDER = (
     "test_deploy.py",  # ~9 min: the first deploy, idempotence, the collection, bad variables
@@ -73,6 +75,16 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 
 KEEP = os.environ.get("WSFLEET_KEEP") == "1"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def defaults(request: pytest.FixtureRequest) -> None:
+    """The defaults deployed back before a module's first test, if the module before left
+    them (RESTORE), unless this module deploys settings of its own (OWN_SETTINGS)."""
+    if getattr(request.module, "OWN_SETTINGS", False):
+        RESTORE.drop()
+    else:
+        RESTORE.run()
 
 
 class _Preparation:
@@ -153,7 +165,9 @@ def fleet() -> Iterator[localfleet.Fleet]:
     try:
         yield preparation.hosts
     finally:
-        if not KEEP:
+        if KEEP:  # the fleet stays up: with the defaults, as the next session expects it
+            RESTORE.run()
+        else:
             preparation.thread.join()
             localfleet.down()
             left = localfleet.leftovers()

@@ -34,6 +34,9 @@ from tests.fleet.tls import served
 # balancer's, if a rollout reloaded it, would end its clients without a close frame.
 SHUTDOWN_TIMEOUT = 15
 HOLD = "/run/wsfleet-balancer-hold"
+# The balancer's site.yml run deploys whatever settings the module before left back to the
+# defaults too (tests/fleet/restore.py).
+OWN_SETTINGS = True
 
 
 @pytest.fixture(scope="module")

@@ -34,6 +34,7 @@ from localfleet.load import Tally, client_context, in_background, open_counted
 from localfleet.settings import GATEWAY
 from tests.fleet.history import assert_nothing_lost, room_traffic
 from tests.fleet.load import assert_no_failures, load_on, summary
+from tests.fleet.restore import RESTORE
 from tests.fleet.tls import served
 
 Fleet = localfleet.Fleet
@@ -48,7 +49,8 @@ RELOAD_GAP = 4.0  # seconds between two reloads
 def ops(fleet: Fleet, deployed: object, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """The fleet deployed with a short worker_shutdown_timeout, handshakes not rate-limited
     for one client address, and the metrics listener on each host's address allowing this
-    machine; yields the folder of the Prometheus target files. Back to the defaults after."""
+    machine; yields the folder of the Prometheus target files. The defaults are deployed
+    back after it (RESTORE: by the next module, if it wants them)."""
     file_sd = tmp_path_factory.mktemp("file_sd")
     ansible_playbook(
         "site.yml",
@@ -63,7 +65,7 @@ def ops(fleet: Fleet, deployed: object, tmp_path_factory: pytest.TempPathFactory
     finally:
         # What the module changed is configuration only: nginx, the monitoring files, and
         # the certificates (issued anew, the bus servers restarting in turn).
-        ansible_playbook("site.yml", "--tags", "configure")
+        RESTORE.leave("--tags", "configure")
 
 
 def healthz(address: str, context: ssl.SSLContext) -> int:

@@ -1,8 +1,10 @@
 """app_listen unix on the live fleet: nginx reaches the instances over unix sockets.
 
 The module switches the session's fleet from TCP to unix sockets (bound by the instances,
-then held by systemd), rolls a release out under load, and deploys the defaults again at
-its end, so later modules see the fleet as site.yml leaves it.
+then held by systemd) and rolls a release out under load. The defaults are deployed again
+after it, so later modules see the fleet as site.yml leaves it: by the next module that
+wants them (tests/fleet/restore.py), or by the switch itself when the module before left
+settings of its own.
 """
 
 from __future__ import annotations
@@ -22,10 +24,14 @@ from localfleet.demo import ca_file
 from localfleet.instances import instance_get, live_ports
 from tests.fleet.load import assert_each_closed_at_most_once, assert_no_failures, load_on, summary
 from tests.fleet.releases import ONE_THEN_THE_REST
+from tests.fleet.restore import RESTORE
 from tests.fleet.test_release_under_load import versions
 
 # Setup (the session's fleet and deploy, this module's) and teardown ride on the tests.
 pytestmark = pytest.mark.timeout(1200)
+# The switch to unix sockets is a site.yml run: it deploys whatever settings the module
+# before left back to the defaults too (RESTORE).
+OWN_SETTINGS = True
 
 # The instances' names (their ports in the first set: /metrics/<name>); they serve on
 # those or on the spare ones, whichever the last handover left (live_ports).
@@ -42,12 +48,12 @@ def on_host(host: localfleet.FleetHost, command: str) -> str:
 
 @pytest.fixture(scope="module")
 def on_unix(fleet: localfleet.Fleet, deployed: object) -> Iterator[localfleet.Fleet]:
-    """The fleet switched to app_listen unix; deployed back to the defaults afterwards."""
+    """The fleet switched to app_listen unix; the defaults deployed back after the module."""
     try:
         ansible_playbook("site.yml", *UNIX)
         yield fleet
     finally:
-        ansible_playbook("site.yml")
+        RESTORE.leave()
 
 
 async def echo_through_nginx(address: str, text: str) -> str | bytes:
