@@ -108,8 +108,9 @@ test-fleet: apt-deps venv
 # What can run side by side does, since from a clean clone the set-up is on the critical
 # path: the virtualenvs are made while apt installs (a fresh machine); the hosts' images
 # (about 30 s) build in the background as soon as apt is done; lint runs beside pytest's
-# first minutes, the tests that need no fleet while the fleet comes up. Lint's output goes
-# to .fleet/lint.log and is printed after the tests; a lint that fails fails make test.
+# first minutes, the tests that need no fleet while the fleet comes up (niced: the first
+# deploy waits on nothing of it). Lint's output goes to .fleet/lint.log and is printed
+# after the tests; a lint that fails fails make test.
 # The session's own image build (tests/fleet/conftest.py) waits for the background one
 # and finds the images built, or builds them again and says why it failed.
 TEST_WORKERS ?= 0
@@ -119,7 +120,7 @@ test:
 	if ! $(MAKE) --no-print-directory apt-deps; then wait $$venv; exit 1; fi; \
 	setsid $(PYTHON) -m localfleet images > .fleet/images.log 2>&1 & images=$$!; \
 	if ! wait $$venv; then kill -- -$$images; wait $$images; exit 1; fi; \
-	$(MAKE) --no-print-directory lint > .fleet/lint.log 2>&1 & lint=$$!; \
+	nice -n 10 $(MAKE) --no-print-directory lint > .fleet/lint.log 2>&1 & lint=$$!; \
 	$(BIN)/pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder; tests=$$?; \
 	wait $$images || echo "images: the early build failed (.fleet/images.log); the tests built them again"; \
 	echo "=== lint (.fleet/lint.log)"; cat .fleet/lint.log; \
