@@ -30,25 +30,27 @@ from localfleet.image import MIX
 from tests.fleet.restore import RESTORE
 
 # The fleet modules, longest first (roughly their minutes in one process on 2 cores, from
-# pytest --durations and the playbook log: docs/testing.md). Under ``make test
-# TEST_WORKERS=2`` the two workers take whole modules in this order (pytest-xdist's
-# loadfile, not reordered), each on a fleet of its own, the next module going to whichever
-# finishes first: longest first leaves short modules to even out the end. Each module
-# restores what it changes (itself, or through RESTORE below), so a module runs the same on
-# either fleet and after any other.
+# pytest --durations and the playbook log: docs/testing.md), but for the last three. Under
+# ``make test TEST_WORKERS=2`` the two workers take whole modules in this order
+# (pytest-xdist's loadfile, not reordered), each on a fleet of its own, the next module
+# going to whichever finishes first: longest first leaves short modules to even out the
+# end. Each module restores what it changes (itself, or through RESTORE below), so a module
+# runs the same on either fleet and after any other. The last three leave their restores
+# to the module after them, which needs none (NEEDS_DEFAULTS = False): three site.yml runs
+# fewer in one process.
 # test_fleet.py is not here: it kills and boots a host again, so it goes after them all.
 ORDER = (
     "test_deploy.py",  # ~9 min: the first deploy, idempotence, the collection, bad variables
     "test_rollout.py",  # ~4
-    "test_nginx_ops.py",  # ~3
-    "test_unix.py",  # ~3
-    "test_loadbalancer.py",  # ~3
     "test_operations.py",  # ~3
     "test_security.py",  # ~2
     "test_acme.py",  # ~1.5
     "test_release_under_load.py",  # ~1.5
     "test_bus.py",  # ~1
     "test_browser.py",  # ~1
+    "test_nginx_ops.py",  # ~3, its restore left to test_unix.py
+    "test_unix.py",  # ~3, its restore left to test_loadbalancer.py
+    "test_loadbalancer.py",  # ~3, its restore left to test_fleet.py
 )
 
 
@@ -80,11 +82,11 @@ KEEP = os.environ.get("WSFLEET_KEEP") == "1"
 @pytest.fixture(scope="module", autouse=True)
 def defaults(request: pytest.FixtureRequest) -> None:
     """The defaults deployed back before a module's first test, if the module before left
-    them (RESTORE), unless this module deploys settings of its own (OWN_SETTINGS)."""
-    if getattr(request.module, "OWN_SETTINGS", False):
-        RESTORE.drop()
-    else:
+    them (RESTORE), unless the module needs none (NEEDS_DEFAULTS = False)."""
+    if getattr(request.module, "NEEDS_DEFAULTS", True):
         RESTORE.run()
+    else:
+        RESTORE.drop()
 
 
 class _Preparation:

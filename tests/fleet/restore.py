@@ -12,14 +12,13 @@ class Restore:
     """The run that deploys the defaults back after a module that deployed settings of its
     own, left by that module to the module after it instead of run at its end.
 
-    The next module either deploys settings of its own at its start, every test of it
-    running on those or on any (it says ``OWN_SETTINGS = True``): that run converges the
-    fleet from whatever it was left in, and the restore is not needed. Or it wants the
-    defaults: it gets the restore first (the autouse fixture ``defaults``). A fleet kept
-    up (WSFLEET_KEEP=1) gets it at the session's end. Each restore left this way is one
-    site.yml run less (about 20 s) when an OWN_SETTINGS module comes next, as
-    test_unix.py does after test_nginx_ops.py and test_loadbalancer.py after test_unix.py
-    in ORDER.
+    The next module gets it before its first test (the autouse fixture ``defaults``),
+    unless it needs none: it says ``NEEDS_DEFAULTS = False`` when each of its tests runs on
+    settings it deploys itself at its start (that site.yml run converges the fleet from
+    whatever it was left in) or on any settings. A fleet kept up (WSFLEET_KEEP=1) gets it
+    at the session's end. Each restore left this way to such a module is one site.yml run
+    less (about 20 s): in ORDER, test_unix.py after test_nginx_ops.py, test_loadbalancer.py
+    after test_unix.py, and test_fleet.py after test_loadbalancer.py.
     """
 
     def __init__(self) -> None:
@@ -30,7 +29,8 @@ class Restore:
         self.options = options
 
     def drop(self) -> None:
-        """The module starting deploys settings of its own, which converges the fleet."""
+        """The module starting needs no defaults: its own deploy converges the fleet, or
+        its tests run on any settings."""
         self.options = None
 
     def run(self) -> None:

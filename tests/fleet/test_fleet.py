@@ -16,6 +16,9 @@ from localfleet.image import MIX, RELEASES
 from localfleet.inventory import plan
 from localfleet.settings import REPO
 
+# The hosts themselves, whatever site.yml settings they were left with (tests/fleet/restore.py).
+NEEDS_DEFAULTS = False
+
 
 def localfleet_cli(
     *args: str, env: dict[str, str] | None = None

@@ -1,8 +1,9 @@
 """The optional load-balancer tier: one balancer (fleetlb) in front of the three app servers.
 
 The balancer joins the session's fleet for this module and leaves it at its end; the app
-servers are then deployed again without it. Its last test gives the balancer a
-certificate from an ACME CA (Pebble, tests/fleet/pebble.py).
+servers are then deployed again without it, by the next module that wants the defaults
+(tests/fleet/restore.py). Its last test gives the balancer a certificate from an ACME CA
+(Pebble, tests/fleet/pebble.py).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from localfleet.instances import instance_get, live_ports
 from tests.fleet import pebble
 from tests.fleet.load import assert_each_closed_at_most_once, assert_no_failures, load_on, summary
 from tests.fleet.releases import ONE_THEN_THE_REST
+from tests.fleet.restore import RESTORE
 from tests.fleet.test_acme import round_trip
 from tests.fleet.test_release_under_load import versions
 from tests.fleet.tls import served
@@ -36,7 +38,7 @@ SHUTDOWN_TIMEOUT = 15
 HOLD = "/run/wsfleet-balancer-hold"
 # The balancer's site.yml run deploys whatever settings the module before left back to the
 # defaults too (tests/fleet/restore.py).
-OWN_SETTINGS = True
+NEEDS_DEFAULTS = False
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +50,7 @@ def balancer(fleet: localfleet.Fleet, deployed: object) -> Iterator[localfleet.F
         yield with_lb.load_balancers[0]
     finally:
         localfleet.up(hosts=len(fleet.app_servers), lb=False)
-        ansible_playbook("site.yml")
+        RESTORE.leave()
 
 
 def open_connections(host: localfleet.FleetHost) -> int:

@@ -30,8 +30,8 @@ from tests.fleet.test_release_under_load import versions
 # Setup (the session's fleet and deploy, this module's) and teardown ride on the tests.
 pytestmark = pytest.mark.timeout(1200)
 # The switch to unix sockets is a site.yml run: it deploys whatever settings the module
-# before left back to the defaults too (RESTORE).
-OWN_SETTINGS = True
+# before left back to the defaults too (RESTORE); the preflight test runs on any.
+NEEDS_DEFAULTS = False
 
 # The instances' names (their ports in the first set: /metrics/<name>); they serve on
 # those or on the spare ones, whichever the last handover left (live_ports).
