@@ -107,7 +107,7 @@ test-fleet: apt-deps venv
 # contention broke timing bounds some tests assert (docs/testing.md, Two workers).
 # What can run side by side does, since from a clean clone the set-up is on the critical
 # path: the virtualenvs are made while apt installs (a fresh machine); the hosts' images
-# (about 30 s) build in the background as soon as apt is done; lint runs beside pytest's
+# (35-50 s) build in the background as soon as apt is done; lint runs beside pytest's
 # first minutes, the tests that need no fleet while the fleet comes up (niced: the first
 # deploy waits on nothing of it). Lint's output goes to .fleet/lint.log and is printed
 # after the tests; a lint that fails fails make test.

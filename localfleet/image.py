@@ -6,8 +6,9 @@ the .deb archives of what the roles install (PREFETCH): ``apt-get install`` then
 offline, as long as it is not asked to update its lists first. An image is rebuilt when
 its recipe (the constants below and its release) changes; two images are built side by
 side, since each build mostly waits on the network and on dpkg. mmdebstrap, not
-debootstrap: it fetches with apt, in parallel, and builds an image in about 25 s where
-debootstrap took 95 s (the two side by side on the 2-core machine, 2026-12-05).
+debootstrap: it fetches with apt, in parallel. The two images side by side, beside
+`make test`'s virtualenvs, took 35-50 s on the 2-core machine, where debootstrap took
+95-100 s (2026-12-05).
 """
 
 from __future__ import annotations
@@ -101,7 +102,7 @@ def build_image(release: str) -> None:
     stamp = image / ".wsfleet-recipe"
     if stamp.is_file() and stamp.read_text().strip() == recipe_hash(release):
         return
-    log(f"building the {release} image; this takes about half a minute")
+    log(f"building the {release} image; this takes under a minute")
     started = time.monotonic()
     IMAGES.mkdir(parents=True, exist_ok=True)
     scratch = SHARED_STATE / f"image-{release}.new"

@@ -103,7 +103,7 @@ class _Preparation:
 
     def _run(self) -> None:
         try:
-            # Missing or stale images are built first (about 30 s from a clean clone;
+            # Missing or stale images are built first (35-50 s from a clean clone;
             # `make test` starts that build before pytest, and this waits for it).
             self.hosts = localfleet.up(hosts=3, releases=MIX)
         except localfleet.FleetError as error:
