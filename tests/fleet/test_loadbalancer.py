@@ -1,9 +1,9 @@
 """The optional load-balancer tier: one balancer (fleetlb) in front of the three app servers.
 
 The balancer joins the session's fleet for this module and leaves it at its end; the app
-servers are then deployed again without it, by the next module that wants the defaults
-(tests/fleet/restore.py). Its last test gives the balancer a certificate from an ACME CA
-(Pebble, tests/fleet/pebble.py).
+servers are then deployed again without it, by the next module that wants the defaults,
+or at the session's end when the fleet is kept up (tests/fleet/restore.py). Its last test
+gives the balancer a certificate from an ACME CA (Pebble, tests/fleet/pebble.py).
 """
 
 from __future__ import annotations
