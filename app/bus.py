@@ -29,7 +29,7 @@ from nats.js.errors import BadRequestError, NotFoundError
 
 from app.metrics import BusMetrics
 
-__all__ = ["Bus", "OnMessage", "StoredMessage", "redact"]
+__all__ = ["READ_BATCH", "Bus", "OnMessage", "StoredMessage", "StreamMissing", "redact"]
 
 logger = logging.getLogger(__name__)
 
@@ -80,6 +80,19 @@ T = TypeVar("T")
 StoredMessage = js_api.RawStreamMsg
 """A message read back from a stream: ``seq``, ``subject``, ``headers``, ``data``."""
 
+# JetStream's error codes for a subject with no message (an answer: none) and for a
+# stream that is not there (an error: never read as "none").
+_NO_MESSAGE = 10037
+_NO_STREAM = 10059
+# A range is read by a consumer of its own, this many messages a request; the consumer
+# goes when the read is done, or after this long unused (a read cut short).
+READ_BATCH = 256
+_CONSUMER_IDLE = 30.0
+
+
+class StreamMissing(Exception):
+    """The history's stream is not there (deleted, or not made yet)."""
+
 
 def redact(url: str) -> str:
     """``url`` without a user or password, fit for a log line."""
@@ -128,6 +141,9 @@ class Bus:
         self._ours = {_host_port(url) for url in self.servers}
         self._client = Client()
         self._subscriptions: dict[str, Subscription] = {}
+        # One subscribe or unsubscribe at a time: two joins of a room at once would
+        # otherwise both find it unsubscribed and make two subscriptions.
+        self._subscribing = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
         self._ever_connected = False
         self._outage_logged = False
@@ -269,18 +285,22 @@ class Bus:
         replayed by nats-py and once from its buffer: the caller subscribes again
         once :attr:`connected` (``on_connected`` tells it).
         """
-        if subject in self._subscriptions or not self.connected:
-            return
-        # Lost meanwhile: the next connection has the caller subscribe again.
-        with contextlib.suppress(nats.errors.Error):
-            self._subscriptions[subject] = await self._client.subscribe(subject, cb=self._receive)
+        async with self._subscribing:
+            if subject in self._subscriptions or not self.connected:
+                return
+            # Lost meanwhile: the next connection has the caller subscribe again.
+            with contextlib.suppress(nats.errors.Error):
+                self._subscriptions[subject] = await self._client.subscribe(
+                    subject, cb=self._receive
+                )
 
     async def unsubscribe(self, subject: str) -> None:
         """Stop receiving ``subject``'s messages (also while disconnected)."""
-        subscription = self._subscriptions.pop(subject, None)
-        if subscription is not None:
-            with contextlib.suppress(nats.errors.Error):
-                await subscription.unsubscribe()
+        async with self._subscribing:
+            subscription = self._subscriptions.pop(subject, None)
+            if subscription is not None:
+                with contextlib.suppress(nats.errors.Error):
+                    await subscription.unsubscribe()
 
     async def _receive(self, message: Msg) -> None:
         await self._on_message(message.subject, message.headers or {}, message.data)
@@ -313,30 +333,38 @@ class Bus:
             await jetstream.update_stream(config)
 
     async def store(
-        self, subject: str, payload: bytes, headers: Mapping[str, str], msg_id: str
-    ) -> int | None:
+        self, subject: str, payload: bytes, headers: Mapping[str, str], msg_id: str,
+        deadline: float = STORE_DEADLINE,
+    ) -> int | None:  # fmt: skip
         """Publish into the stream and wait until it is stored (replicated, when the stream
-        is); the stream's sequence, or None when it could not be stored within
-        :data:`STORE_DEADLINE` (or is over the server's ``max_payload``).
+        is); the stream's sequence, or None when it could not be stored within ``deadline``
+        seconds, the connection is down, or it is over the server's ``max_payload``.
 
-        Tried again while the connection is down or the stream has no leader; every try
-        carries the same ``Nats-Msg-Id``, so the stream keeps the message once.
+        Tried again while the stream has no leader; every try carries the same
+        ``Nats-Msg-Id``, so the stream keeps the message once as long as every try falls
+        within its duplicate window (which must outlast ``deadline``). A connection that
+        is down fails the store at once: the sender is not held for the deadline.
         """
-        size = len(payload) + _headers_size({**headers, "Nats-Msg-Id": msg_id})
-        if self.connected and size > self._client.max_payload:
-            return None
         headers = {**headers, "Nats-Msg-Id": msg_id}
+        if not self.connected or len(payload) + _headers_size(headers) > self._client.max_payload:
+            return None
+        loop = asyncio.get_running_loop()
+        until = loop.time() + deadline
 
         async def publish() -> int:
-            jetstream = self._client.jetstream(timeout=_STORE_TIMEOUT)
+            # No try may answer after the deadline: its retry could land outside the window.
+            left = max(0.05, min(_STORE_TIMEOUT, until - loop.time()))
+            jetstream = self._client.jetstream(timeout=left)
             return (await jetstream.publish(subject, payload, headers=headers)).seq
 
-        return await self._retrying(publish)
+        return await self._retrying(publish, deadline, while_connected=True)
 
     async def _retrying(
-        self, request: Callable[[], Awaitable[T]], within: float = STORE_DEADLINE
-    ) -> T | None:
-        """``request()`` until it answers, for ``within`` seconds at most; None after."""
+        self, request: Callable[[], Awaitable[T]], within: float = STORE_DEADLINE,
+        while_connected: bool = False,
+    ) -> T | None:  # fmt: skip
+        """``request()`` until it answers, for ``within`` seconds at most (and, with
+        ``while_connected``, while the connection is up); None after."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + within
         while loop.time() < deadline:
@@ -347,35 +375,30 @@ class Bus:
                     raise
                 except (nats.errors.Error, TimeoutError):
                     pass
+            elif while_connected:
+                return None
             await asyncio.sleep(_STORE_RETRY_WAIT)
         return None
 
-    async def stored(self, stream: str, seq: int) -> StoredMessage | None:
-        """The stream's message ``seq``, or None once it is gone (or never was).
-
-        Raises:
-            TimeoutError: the stream did not answer within :data:`READ_DEADLINE`.
-        """
-
-        async def get() -> StoredMessage:
-            return await self._client.jetstream(timeout=_STORE_TIMEOUT).get_msg(stream, seq=seq)
-
-        return await self._read(get)
-
-    async def _read(self, request: Callable[[], Awaitable[StoredMessage]]) -> StoredMessage | None:
+    async def _read(
+        self, request: Callable[[], Awaitable[StoredMessage]], within: float = READ_DEADLINE
+    ) -> StoredMessage | None:
         try:
-            found = await self._retrying(request, READ_DEADLINE)
-        except NotFoundError:
+            found = await self._retrying(request, within)
+        except NotFoundError as error:
+            if error.err_code == _NO_STREAM:
+                raise StreamMissing(error.description) from error
             return None
         if found is None:
             raise TimeoutError("the history did not answer")
         return found
 
-    async def last_stored(self, stream: str, subject: str) -> int:
+    async def last_stored(self, stream: str, subject: str, within: float = READ_DEADLINE) -> int:
         """The sequence of the last message stored on ``subject``; 0 when there is none.
 
         Raises:
-            TimeoutError: the stream did not answer within :data:`READ_DEADLINE`.
+            TimeoutError: the stream did not answer within ``within`` seconds.
+            StreamMissing: the stream is not there.
         """
 
         async def get() -> StoredMessage:
@@ -383,21 +406,59 @@ class Bus:
                 stream, subject
             )
 
-        found = await self._read(get)
+        found = await self._read(get, within)
         return (found.seq or 0) if found else 0
 
-    async def stored_after(self, stream: str, subject: str, seq: int) -> StoredMessage | None:
-        """The first message on ``subject`` stored after ``seq``, or None when there is none.
+    async def first_stored(self, stream: str) -> int:
+        """The stream's first sequence still stored (everything before it expired).
 
         Raises:
-            TimeoutError: the stream did not answer within :data:`READ_DEADLINE`.
+            nats.errors.Error: the stream did not answer (or is not there).
         """
+        info = await self._client.jetstream(timeout=_STORE_TIMEOUT).stream_info(stream)
+        return (info.state.first_seq or 1) if info.state else 1
 
-        async def get() -> StoredMessage:
-            jetstream = self._client.jetstream(timeout=_STORE_TIMEOUT)
-            return await jetstream.get_msg(stream, seq=seq + 1, subject=subject, next=True)
+    async def read_range(
+        self, stream: str, subject: str, after: int, through: int
+    ) -> tuple[list[tuple[int, Mapping[str, str], bytes]], bool]:
+        """The messages stored on ``subject`` with sequences in (``after``, ``through``],
+        at most :data:`READ_BATCH` of them, read in one request by a consumer of their own;
+        and whether the stream holds nothing more on ``subject`` after the last of them.
 
-        return await self._read(get)
+        Raises:
+            nats.errors.Error: the stream did not answer (or is not there).
+        """
+        jetstream = self._client.jetstream(timeout=_STORE_TIMEOUT)
+        config = js_api.ConsumerConfig(
+            name=self._client._nuid.next().decode(),
+            deliver_policy=js_api.DeliverPolicy.BY_START_SEQUENCE,
+            opt_start_seq=after + 1,
+            ack_policy=js_api.AckPolicy.NONE,
+            filter_subject=subject,
+            inactive_threshold=_CONSUMER_IDLE,
+            mem_storage=True,
+            num_replicas=1,
+        )
+        info = await jetstream.add_consumer(stream, config)
+        try:
+            if not info.num_pending:
+                return [], True
+            assert config.name is not None
+            pull = await jetstream.pull_subscribe_bind(consumer=config.name, stream=stream)
+            try:
+                fetched = await pull.fetch(min(READ_BATCH, info.num_pending), _STORE_TIMEOUT)
+            finally:
+                await pull.unsubscribe()
+        finally:
+            with contextlib.suppress(nats.errors.Error):
+                await jetstream.delete_consumer(stream, config.name or "")
+        found: list[tuple[int, Mapping[str, str], bytes]] = [
+            (m.metadata.sequence.stream, m.headers or {}, m.data)
+            for m in fetched
+            if m.metadata.sequence.stream <= through
+        ]
+        exhausted = not fetched or fetched[-1].metadata.num_pending == 0
+        return found, exhausted
 
     async def close(self) -> None:
         """Send what is buffered and disconnect; no further attempts."""

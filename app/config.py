@@ -72,6 +72,11 @@ class Settings:
     )
     max_size: int = _option(1048576, "largest message accepted, in bytes; past it: close 1009")
     max_queue: int = _option(16, "messages buffered per connection before reading pauses")
+    max_queue_bytes: int = _option(
+        1048576,
+        "bytes a room member's outgoing queue may hold (its connection's write buffer) "
+        "before the member is closed with 4008 and comes back with its last id; 0: no bound",
+    )
     open_timeout: float = _option(10.0, "seconds for a client to complete the opening handshake")
     close_timeout: float = _option(10.0, "seconds to wait for the closing handshake")
     ping_interval: float = _option(20.0, "seconds between keepalive pings")
@@ -205,6 +210,10 @@ def parse_settings(
     for name in ("max_size", "max_queue", "max_connections"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    if 0 < args.max_queue_bytes < 65536:
+        parser.error(
+            f"--max-queue-bytes must be 0 (no bound) or at least 65536, got {args.max_queue_bytes}"
+        )
     for name in ("open_timeout", "close_timeout", "ping_interval", "ping_timeout", "drain_timeout"):
         if not getattr(args, name) > 0:
             parser.error(f"--{name.replace('_', '-')} must be more than 0 seconds")

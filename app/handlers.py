@@ -17,6 +17,7 @@ from urllib.parse import parse_qs, urlsplit
 from jinja2 import Environment, PackageLoader, select_autoescape
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
+from websockets.frames import CloseCode
 from websockets.http11 import Request, Response
 
 from app import rooms
@@ -76,20 +77,40 @@ async def chat(ws: ServerConnection) -> None:
     whenever the room's count in the fleet changes. A client that comes back with
     ``since=<the last id it saw>`` first gets the messages it missed, then
     ``{"type": "resumed", "restored": K, "complete": true|false, ...}``
-    (:meth:`app.rooms.Rooms.joined`).
+    (:meth:`app.rooms.Rooms.joined`). A message the room's history did not store is
+    refused (:func:`_chat_in`); a join without the history's answer is closed with 1013.
     """
     path = ws.request.path if ws.request else "/"
     events_wanted = _wants_events(path)
-    async with rooms.joined(_room_of(path), ws, since=_since(path), ids=events_wanted) as room:
-        events = asyncio.create_task(_send_events(ws, room)) if events_wanted else None
-        try:
-            async for message in ws:
+    try:
+        async with rooms.joined(_room_of(path), ws, since=_since(path), ids=events_wanted) as room:
+            await _chat_in(ws, room, events_wanted)
+    except rooms.HistoryUnavailable:
+        # No starting point in the room's history: nothing could be promised. 1013: try
+        # again later (the page does, backing off).
+        await ws.close(CloseCode.TRY_AGAIN_LATER, "room history unavailable")
+
+
+async def _chat_in(ws: ServerConnection, room: rooms.Room, events_wanted: bool) -> None:
+    """Broadcast what the member sends; a message the history did not store is refused,
+    to an events client with ``{"type": "refused", "reason": ...}``, to another with a
+    close 1013: no one got it, and the client knows."""
+    events = asyncio.create_task(_send_events(ws, room)) if events_wanted else None
+    try:
+        async for message in ws:
+            try:
                 await room.broadcast(message)
-        finally:
-            if events is not None:
-                events.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await events
+            except rooms.NotStored as error:
+                if not events_wanted:
+                    await ws.close(CloseCode.TRY_AGAIN_LATER, "message not stored")
+                    return
+                refused = {"type": "refused", "reason": str(error)}
+                await ws.send(json.dumps(refused).encode())
+    finally:
+        if events is not None:
+            events.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await events
 
 
 async def _send_events(ws: ServerConnection, room: rooms.Room) -> None:

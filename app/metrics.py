@@ -73,6 +73,16 @@ class Metrics:
         )
         for source in ("local", "bus"):
             self.deliveries.labels(source)
+        self.room_closes = Counter(
+            "wsapp_room_closes",
+            "Room members closed by the process, by reason: slow (4008: its outgoing queue "
+            "passed --max-queue-bytes) or send_back (1012: messages this process could not "
+            "get for it); each comes back with its last id.",
+            ["reason"],
+            registry=self.registry,
+        )
+        for reason in ("slow", "send_back"):
+            self.room_closes.labels(reason)
         self.bus = BusMetrics(self.registry) if bus else None
 
     def count_frame(self, direction: str, frame: Frame) -> None:
@@ -112,8 +122,9 @@ class BusMetrics:
         )
         self.dropped = Counter(
             "wsapp_bus_dropped",
-            "Room messages not published, by reason (disconnected, too_large): only the "
-            "members in this process got them.",
+            "Room messages not published, by reason (disconnected, too_large): without "
+            "history only the members in this process got them; with history no one did, "
+            "and the sender was told (not_stored).",
             ["reason"],
             registry=registry,
         )
@@ -138,7 +149,7 @@ class BusMetrics:
         for direction in ("in", "out"):
             for kind in ("room", "presence"):
                 self.messages.labels(direction, kind)
-        for reason in ("disconnected", "too_large"):
+        for reason in ("disconnected", "too_large", "not_stored"):
             self.dropped.labels(reason)
         for cause in ("resume", "gap"):
             self.replayed.labels(cause)

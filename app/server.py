@@ -436,6 +436,7 @@ class Server:
                     max_bytes=settings.bus_history_max_bytes,
                     replicas=settings.bus_history_replicas,
                 ) if settings.bus_history_max_age > 0 else None,
+                max_queue_bytes=settings.max_queue_bytes,
             )  # fmt: skip
             rooms.set_current(self.rooms)
             self.rooms.start()

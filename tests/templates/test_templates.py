@@ -354,6 +354,20 @@ def test_env_file_defaults_are_the_apps_own() -> None:
     )  # fmt: skip
 
 
+@pytest.mark.parametrize("size", [0, 65536, 4194304])
+def test_env_file_carries_the_queue_bound(size: int) -> None:
+    """app_max_queue_bytes reaches the app's settings."""
+    env = app_env(app_max_queue_bytes=size)
+    assert env["APP_MAX_QUEUE_BYTES"] == str(size)
+    assert parse_settings([], environ=env).max_queue_bytes == size
+
+
+def test_env_file_queue_bound_default_is_the_apps_own() -> None:
+    """The role's default app_max_queue_bytes is the app's own --max-queue-bytes default."""
+    ours = parse_settings([], environ=app_env())
+    assert ours.max_queue_bytes == parse_settings([], environ={}).max_queue_bytes == 1048576
+
+
 @pytest.fixture
 def unit_root(tmp_path: Path) -> Path:
     """A root for systemd-analyze: the machine's units, the app's binary path, env file."""
