@@ -327,9 +327,12 @@ async def _follow_rooms(base: str, rooms: list[str], control: Connection) -> Non
                     next_progress += PROGRESS_EVERY
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(awaited.all_in.wait(), min(until, next_progress) - now)
-            await asyncio.sleep(grace)
+            ended = time.monotonic()
+            # A message delivered twice would come soon after: given the time to show.
+            if awaited.all_in.is_set():
+                await asyncio.sleep(grace)
             seen = {client.room: (client.received, client.resumes) for client in clients}
-            control.send(("seen", seen, time.process_time() - started))
+            control.send(("seen", seen, time.process_time() - started, ended))
     finally:
         for task in tasks:
             task.cancel()
@@ -388,12 +391,13 @@ def quantile(values: list[float], q: float) -> float:
 
 def wait_seen(
     control: Connection, text: str, until: float, grace: float, since: float
-) -> tuple[dict[str, tuple[list[Record], int]], float]:
-    """What A's clients got, once all have ``text`` or at ``until``; printing progress."""
+) -> tuple[dict[str, tuple[list[Record], int]], float, float]:
+    """What A's clients got once all have ``text`` or at ``until`` (``grace`` s later when
+    all have), their process's CPU seconds, and when the wait ended; printing progress."""
     control.send(("wait", text, until, grace))
     while (answer := control.recv())[0] == "progress":
         print(f"  {time.monotonic() - since:5.0f} s: {answer[1]} rooms caught up", flush=True)
-    return answer[1], answer[2]
+    return answer[1], answer[2], answer[3]
 
 
 def check(
@@ -421,6 +425,7 @@ def check(
 
 
 def scenario(root: Path, rooms: list[str], deadline: float, max_age: float) -> None:
+    """The cluster in ``root``, the two chat processes, A's clients; then the restart."""
     servers = start_cluster(root)
     apps: list[ChatProcess] = []
     context = multiprocessing.get_context("spawn")
@@ -444,8 +449,10 @@ def scenario(root: Path, rooms: list[str], deadline: float, max_age: float) -> N
 
         started = time.monotonic()
         before = run(send_all(b.url, rooms, BEFORE))
-        seen, _ = wait_seen(control, BEFORE, time.monotonic() + 60, 0.0, started)
-        behind = [room for room, (received, _) in seen.items() if not received]
+        seen, _, _ = wait_seen(control, BEFORE, time.monotonic() + 60, 0.0, started)
+        behind = [
+            room for room, (got, _) in seen.items() if BEFORE % room not in (t for _, t, _ in got)
+        ]
         if behind:
             raise RuntimeError(
                 f"{len(behind)} rooms on A never got the first message: {behind[:5]}"
@@ -469,13 +476,15 @@ def scenario(root: Path, rooms: list[str], deadline: float, max_age: float) -> N
         servers[0].wait_listening()
         listening = time.monotonic() - restart
         # Once the history no longer holds the messages, no room can catch up any more.
-        until = min(restart + deadline, sent + max_age + EXPIRY_MARGIN)
-        seen, client_cpu = wait_seen(control, DURING, until, GRACE, restart)
-        waited = time.monotonic() - restart - GRACE
+        expired = sent + max_age + EXPIRY_MARGIN
+        until = min(restart + deadline, expired)
+        ended = "the history let the messages go" if expired < restart + deadline else "--deadline"
+        seen, client_cpu, ended_at = wait_seen(control, DURING, until, GRACE, restart)
+        waited = ended_at - restart
         a_cpu = cpu_seconds(a.process.pid) - a_cpu
         reconnected = a.wait_for(r"event=bus_connected .*reconnected=True", 0, restart)[0]
         report(
-            seen, before, during, restart, waited,
+            seen, before, during, restart, waited, ended,
             listening=listening, reconnected=reconnected - restart,
             cpu=(a_cpu, client_cpu),
             warnings={event: a.count(f"event={event}", restart)
@@ -501,6 +510,7 @@ def report(
     during: dict[str, int | None],
     restart: float,
     waited: float,
+    ended: str,
     listening: float,
     reconnected: float,
     cpu: tuple[float, float],
@@ -515,7 +525,7 @@ def report(
     print(f"from server 1's restart: listening {listening:.2f} s, "
           f"A connected again (bus_connected reconnected=True) {reconnected:.2f} s")  # fmt: skip
     if times:
-        print(f"rooms caught up: {len(times)}/{total} within {waited:.0f} s; first "
+        print(f"rooms caught up: {len(times)}/{total} within {waited:.0f} s; of those: first "
               f"{min(times):.2f} s, p50 {quantile(times, 0.5):.2f} s, "
               f"p99 {quantile(times, 0.99):.2f} s, last {max(times):.2f} s")  # fmt: skip
     else:
@@ -527,14 +537,15 @@ def report(
           f"({', '.join(f'{what} {n}' for what, n in counts.items())}; "
           f"clients sent back to resume: {resumed})")  # fmt: skip
     print(f"A's log after the restart: {', '.join(f'{e} {n}' for e, n in warnings.items())}; "
-          f"CPU until the last room: A {cpu[0] / waited:.0%}, "
+          f"CPU over the wait: A {cpu[0] / waited:.0%}, "
           f"clients {cpu[1] / waited:.0%} of a core")  # fmt: skip
     if len(times) == total:
         print(f"ratio quiet-rooms caught-up-last/target: {max(times) / TARGET:.2f} "
               f"(target {TARGET:g} s, {total} rooms)")  # fmt: skip
     else:
         print(f"ratio quiet-rooms caught-up-last/target: >{waited / TARGET:.2f} (target "
-              f"{TARGET:g} s; only {len(times)}/{total} rooms within {waited:.0f} s)")  # fmt: skip
+              f"{TARGET:g} s; only {len(times)}/{total} rooms within {waited:.0f} s, "
+              f"when the wait ended: {ended})")  # fmt: skip
 
 
 def main() -> int:

@@ -221,6 +221,7 @@ class Room:
         self._anchoring = asyncio.Lock()
         # Senders waiting for an id to reach this process: (id, future), each its own.
         self._waiters: list[tuple[int, asyncio.Future[None]]] = []
+        self._last_seen: int | None = None
         # When to ask the history whether this process missed some of the room (QUIET),
         # and how long the wait after that one.
         self._check_at = time.monotonic() + QUIET
@@ -272,11 +273,12 @@ class Room:
         return not known and count > 0
 
     def _advanced(self) -> None:
-        """The room's last id here moved on: wake the senders waiting for it; the room is
-        not quiet."""
+        """When the room's last id here moved on: wake the senders waiting for it; the
+        room is not quiet."""
         last = self._delivery.last
-        if last is None:
+        if last is None or last == self._last_seen:
             return
+        self._last_seen = last
         self._check_at = time.monotonic() + QUIET
         self._quiet = QUIET
         waiting = []
@@ -488,7 +490,6 @@ class Rooms:
     def _apply(self, room: Room, actions: list[Action[ServerConnection]]) -> None:
         """Carry out ``actions`` in order: writes at once (consecutive sends of one message
         in one ``broadcast()``), reads and closes in the background."""
-        before = room._delivery.last
         index = 0
         while index < len(actions):
             action = actions[index]
@@ -509,8 +510,7 @@ class Rooms:
             else:
                 self._tell_resumed(room, action.member, action.since, action.restored,
                                    action.complete)  # fmt: skip
-        if room._delivery.last != before:
-            room._advanced()
+        room._advanced()
 
     def _send(self, room: Room, message: Message, targets: list[ServerConnection]) -> None:
         """Write a stored message, after its id event where wanted, to ``targets``."""
