@@ -30,6 +30,7 @@ class Member:
     members: int = -1  # the room's count across the fleet, as last told
     received: Counter[str] = field(default_factory=Counter)
     reader: asyncio.Task[None] | None = None
+    on_text: Callable[[str], None] | None = None  # called with each text as it arrives
 
     async def read(self) -> None:
         async for frame in self.ws:
@@ -41,6 +42,8 @@ class Member:
                     self.members = event["members"]
             else:
                 self.received[frame] += 1
+                if self.on_text is not None:
+                    self.on_text(frame)
 
 
 async def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> float:
