@@ -318,8 +318,9 @@ class Bus:
 
     # --- the history: a JetStream stream on the same servers ------------------------------
 
-    async def ensure_stream(self, config: js_api.StreamConfig) -> None:
-        """Create the stream, or bring an existing one to ``config``.
+    async def ensure_stream(self, config: js_api.StreamConfig, update: bool) -> bool:
+        """Create the stream if it is missing; with ``update``, bring an existing one to
+        ``config``. Whether the stream now has ``config``.
 
         Raises:
             nats.errors.Error: JetStream is off, has no quorum yet, or refused the config.
@@ -330,7 +331,10 @@ class Bus:
         except BadRequestError as error:
             if error.err_code != _STREAM_NAME_IN_USE:
                 raise
+            if not update:
+                return False
             await jetstream.update_stream(config)
+        return True
 
     async def store(
         self, subject: str, payload: bytes, headers: Mapping[str, str], msg_id: str,

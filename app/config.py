@@ -149,6 +149,12 @@ class Settings:
         "bus servers holding each stored message, 1..5 (3 "
         "keeps every message with one server down)",
     )
+    bus_history_apply: int = _option(
+        0,
+        "1: bring an existing history stream to the settings above (the deploy sets it on "
+        "one host's instances); 0: make the stream if it is missing, and keep an existing "
+        "one's settings (instances of two releases would otherwise flip them)",
+    )
     instance: str = _option(
         "", "label of this process in presence and logs (empty: <hostname>:<port>)"
     )
@@ -254,6 +260,8 @@ def parse_settings(
         parser.error("--bus-history-max-age must be 0 (no history) or more seconds")
     if args.bus_history_max_bytes < 1:
         parser.error("--bus-history-max-bytes must be at least 1")
+    if args.bus_history_apply not in (0, 1):
+        parser.error("--bus-history-apply must be 0 or 1")
     if not 1 <= args.bus_history_replicas <= 5:
         parser.error("--bus-history-replicas must be between 1 and 5")
     return Settings(**values)

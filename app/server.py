@@ -435,6 +435,7 @@ class Server:
                     max_age=settings.bus_history_max_age,
                     max_bytes=settings.bus_history_max_bytes,
                     replicas=settings.bus_history_replicas,
+                    apply=bool(settings.bus_history_apply),
                 ) if settings.bus_history_max_age > 0 else None,
                 max_queue_bytes=settings.max_queue_bytes,
             )  # fmt: skip

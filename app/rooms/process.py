@@ -145,11 +145,14 @@ class History:
         max_age: seconds a message is kept.
         max_bytes: bytes the stream holds at most; the oldest messages go first.
         replicas: servers holding each message (1..5; 3 survives one server down).
+        apply: bring an existing stream to these settings; else only make it if missing
+            (the deploy has one host's instances apply them).
     """
 
     max_age: float
     max_bytes: int
     replicas: int = 1
+    apply: bool = False
 
     @property
     def duplicate_window(self) -> float:
@@ -715,8 +718,9 @@ class Rooms:
 
     async def _keep_history(self) -> None:
         """Have the stream, trying again until the cluster can make it. An existing stream
-        keeps its settings: they are the deploy's to change (the bus role), not each
-        instance's as it starts (instances of two releases would flip them)."""
+        keeps its settings unless this process applies them (``History.apply``: the deploy
+        has one host's instances do it), so that instances of two releases, or of two
+        settings, do not flip them at each start."""
         assert self._bus is not None
         assert self.history is not None
         config = js_api.StreamConfig(
@@ -734,13 +738,16 @@ class Rooms:
         logged = False
         while True:
             try:
-                await self._bus.ensure_stream(config)
+                matches = await self._bus.ensure_stream(config, update=self.history.apply)
             except Exception as error:
                 if not logged:
                     logger.warning("history_unavailable", extra={"fields": {"error": str(error)}})
                     logged = True
                 await asyncio.sleep(_HISTORY_RETRY)
                 continue
+            if not matches:
+                fields = {"stream": self.stream, "hint": "set by APP_BUS_HISTORY_APPLY=1"}
+                logger.warning("history_settings_differ", extra={"fields": fields})
             self._history_ready = True
             self._history_set_up.set()
             self._bus_metrics.history.set(1)

@@ -187,3 +187,32 @@ def test_senders_waiting_for_ids_each_wake_when_theirs_arrives() -> None:
         assert time.monotonic() - started < 0.1
 
     asyncio.run(scenario())
+
+
+def test_the_streams_settings_are_applied_by_one_process_not_flipped_by_each(
+    start_app: StartApp, nats_cluster: NatsCluster
+) -> None:
+    """An instance that does not apply the settings (APP_BUS_HISTORY_APPLY=0) makes the
+    stream if it is missing and keeps an existing one's, saying they differ; one that
+    applies them brings the stream to its own."""
+    (server,) = nats_cluster(1, token=TOKEN, jetstream=True)
+
+    def chat(max_age: int, apply: int) -> None:
+        env = {"APP_BUS_URL": server.url, "APP_BUS_TOKEN": TOKEN,
+               "APP_BUS_HISTORY_MAX_AGE": str(max_age), "APP_BUS_HISTORY_APPLY": str(apply)}
+        app = start_app(*CHAT, env=env)
+        app.wait_for_line(r"event=history_ready", timeout=20)
+        if apply == 0 and max_age != 300:
+            assert any("event=history_settings_differ" in line for line in app.output())
+
+    def max_age() -> float:
+        (account,) = server.monitor("jsz?streams=true&config=true")["account_details"]
+        (stream,) = account["stream_detail"]
+        return float(stream["config"]["max_age"]) / 1e9
+
+    chat(300, apply=0)
+    assert max_age() == 300
+    chat(600, apply=0)
+    assert max_age() == 300
+    chat(900, apply=1)
+    assert max_age() == 900
