@@ -192,15 +192,6 @@ class RoomDelivery(Generic[M]):
         """Whether the room has its starting point here (members may join)."""
         return self._log is not None
 
-    def sent(self, member: M) -> int | None:
-        """The last id ``member`` was sent (or its starting point); None once it left."""
-        cursor = self._members.get(member)
-        return cursor.sent if cursor is not None else None
-
-    def members(self) -> list[M]:
-        """The members not closed."""
-        return [m for m, cursor in self._members.items() if cursor.state is not _State.CLOSED]
-
     # --- events -----------------------------------------------------------------------------
 
     def anchor(self, last: int) -> list[Action[M]]:
