@@ -12,8 +12,9 @@ invariants are checked over generated interleavings (``tests/app/test_delivery.p
 The promise it keeps, for every member: the ids it is sent strictly increase, none
 comes twice, and every message stored after its starting point (its ``since``, or the
 room's position here when it joined) is sent to it, unless it is told otherwise: a
-``Resumed`` with ``complete=False``, or a close with :data:`SEND_BACK` or :data:`SLOW`,
-after which it is sent nothing more.
+``Incomplete`` before anything after the hole is sent (and a ``Resumed`` with
+``complete=False``), or a close with :data:`SEND_BACK` or :data:`SLOW`, after which it is
+sent nothing more.
 
 Ids are the stream's sequence numbers: they grow in the room's order but not by one
 (the stream counts every room). A live copy carries the id of the room's message
@@ -35,6 +36,7 @@ __all__ = [
     "SLOW",
     "Action",
     "Close",
+    "Incomplete",
     "Message",
     "Read",
     "Resumed",
@@ -120,7 +122,17 @@ class Resumed(Generic[M]):
     complete: bool
 
 
-Action = Send[M] | Read[M] | Close[M] | Resumed[M]
+@dataclass(frozen=True)
+class Incomplete(Generic[M]):
+    """Tell ``member`` that messages after ``after`` (the last id it was sent, or its
+    ``since``) may be missing: they expired before it could be sent them. Comes before
+    anything after them, so a client cut off mid-replay knows too."""
+
+    member: M
+    after: int
+
+
+Action = Send[M] | Read[M] | Close[M] | Resumed[M] | Incomplete[M]
 
 
 class _State(enum.Enum):
@@ -223,12 +235,10 @@ class RoomDelivery(Generic[M]):
         if since is None:
             self._members[member] = _Cursor(sent=last, state=_State.LIVE, joined_at=last)
             return []
-        cursor = _Cursor(
-            sent=since, state=_State.CATCHING_UP, since=since, joined_at=last,
-            complete=since_kept,
-        )  # fmt: skip
+        cursor = _Cursor(sent=since, state=_State.CATCHING_UP, since=since, joined_at=last)
         self._members[member] = cursor
-        return self._catch_up(member, cursor)
+        told = [] if since_kept else self._incomplete(member, cursor)
+        return [*told, *self._catch_up(member, cursor)]
 
     def leave(self, member: M) -> list[Action[M]]:
         """``member`` left (its connection closed)."""
@@ -428,9 +438,8 @@ class RoomDelivery(Generic[M]):
         if cursor is None or cursor.state is not _State.CATCHING_UP:
             return []
         cursor.reading = False
-        if not start_kept:
-            cursor.complete = False  # what came between its last id and the first kept
-        actions: list[Action[M]] = []
+        # What came between its last id and the first still kept may be gone.
+        actions: list[Action[M]] = [] if start_kept else self._incomplete(member, cursor)
         for message in messages:
             if message.id > cursor.sent:
                 actions.append(Send(member, message))
@@ -453,6 +462,13 @@ class RoomDelivery(Generic[M]):
             return [Read(member, cursor.sent, read.through, read.attempt + 1)]
         if cursor.complete and not give_up:
             return [self._close(member, cursor, SEND_BACK, "history unreadable")]
-        cursor.complete = False
+        told = self._incomplete(member, cursor)
         cursor.sent = read.through
-        return self._catch_up(member, cursor)
+        return [*told, *self._catch_up(member, cursor)]
+
+    def _incomplete(self, member: M, cursor: _Cursor) -> list[Action[M]]:
+        """Tell ``member``, once, that what follows its last id may be missing."""
+        if not cursor.complete:
+            return []
+        cursor.complete = False
+        return [Incomplete(member, cursor.sent)]

@@ -57,6 +57,7 @@ from app.rooms.delivery import (
     SLOW,
     Action,
     Close,
+    Incomplete,
     Message,
     Read,
     RoomDelivery,
@@ -510,6 +511,9 @@ class Rooms:
                 self._spawn(self._read(room, action))
             elif isinstance(action, Close):
                 self._close_member(room, action.member, action.code, action.reason)
+            elif isinstance(action, Incomplete):
+                event = {"type": "incomplete", "after": action.after}
+                broadcast([action.member], json.dumps(event).encode(), text=False)
             else:
                 self._tell_resumed(room, action.member, action.since, action.restored,
                                    action.complete)  # fmt: skip

@@ -32,6 +32,7 @@ from app.rooms.delivery import (
     SLOW,
     Action,
     Close,
+    Incomplete,
     Message,
     Read,
     Resumed,
@@ -48,11 +49,12 @@ class Seen:
     sent: list[int] = field(default_factory=list)
     closed: int | None = None
     resumed: Resumed[str] | None = None
+    incomplete: bool = False
     left: bool = False
 
     @property
     def told(self) -> bool:
-        return self.closed is not None or (self.resumed is not None and not self.resumed.complete)
+        return self.closed is not None or self.incomplete
 
 
 class Room:
@@ -159,8 +161,13 @@ class Room:
             elif isinstance(action, Close):
                 assert action.code in (SEND_BACK, SLOW)
                 seen.closed = action.code
+            elif isinstance(action, Incomplete):
+                assert not seen.incomplete, "told twice"
+                assert action.after == (seen.sent[-1] if seen.sent else seen.start), action
+                seen.incomplete = True
             elif isinstance(action, Resumed):
-                assert seen.resumed is None, "told twice"
+                assert seen.resumed is None, "resumed twice"
+                assert action.complete is not seen.incomplete, (action, seen)
                 seen.resumed = action
 
     def check(self, member: str, whole: bool) -> None:
@@ -455,6 +462,6 @@ class Interleavings(RuleBasedStateMachine):
 
 TestInterleavings = Interleavings.TestCase
 TestInterleavings.settings = settings(
-    max_examples=400, stateful_step_count=40, deadline=None,
+    max_examples=1000, stateful_step_count=50, deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
 )  # fmt: skip
