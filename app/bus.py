@@ -68,6 +68,10 @@ _STORE_RETRY_WAIT = 0.2
 STORE_DEADLINE = 12.0
 """Seconds a stored publish keeps trying before it gives up (the sender then falls back to
 at most once)."""
+BUS_RETURN_WAIT = 5.0
+"""Seconds a store waits for a lost connection to come back (the host's server restarting:
+systemd starts it again after 1 s, and the instances find it within about 2 s) before the
+sender is told its message was not stored."""
 READ_DEADLINE = 30.0
 """Seconds a read of the history keeps trying: a client being given what it missed waits,
 rather than be told its history is incomplete, while the host's server restarts and
@@ -342,33 +346,43 @@ class Bus:
     ) -> int | None:  # fmt: skip
         """Publish into the stream and wait until it is stored (replicated, when the stream
         is); the stream's sequence, or None when it could not be stored within ``deadline``
-        seconds, the connection is down, or it is over the server's ``max_payload``.
+        seconds, the connection stayed down for :data:`BUS_RETURN_WAIT`, or it is over
+        the server's ``max_payload``.
 
         Tried again while the stream has no leader; every try carries the same
         ``Nats-Msg-Id``, so the stream keeps the message once as long as every try falls
         within its duplicate window (which must outlast ``deadline``). A connection that
-        is down fails the store at once: the sender is not held for the deadline.
+        is down is waited for only as long as the host's server takes to restart: the
+        sender is not held for the whole deadline.
         """
         headers = {**headers, "Nats-Msg-Id": msg_id}
-        if not self.connected or len(payload) + _headers_size(headers) > self._client.max_payload:
-            return None
+        size = len(payload) + _headers_size(headers)
         loop = asyncio.get_running_loop()
         until = loop.time() + deadline
-
-        async def publish() -> int:
-            # No try may answer after the deadline: its retry could land outside the window.
-            left = max(0.05, min(_STORE_TIMEOUT, until - loop.time()))
-            jetstream = self._client.jetstream(timeout=left)
-            return (await jetstream.publish(subject, payload, headers=headers)).seq
-
-        return await self._retrying(publish, deadline, while_connected=True)
+        away_until: float | None = None
+        while loop.time() < until:
+            if self.connected:
+                away_until = None
+                if size > self._client.max_payload:
+                    return None
+                # No try may answer after the deadline: a retry could land outside the window.
+                left = max(0.05, min(_STORE_TIMEOUT, until - loop.time()))
+                try:
+                    jetstream = self._client.jetstream(timeout=left)
+                    return (await jetstream.publish(subject, payload, headers=headers)).seq
+                except (nats.errors.Error, TimeoutError):
+                    pass
+            elif away_until is None:
+                away_until = loop.time() + BUS_RETURN_WAIT
+            elif loop.time() >= away_until:
+                return None
+            await asyncio.sleep(_STORE_RETRY_WAIT)
+        return None
 
     async def _retrying(
-        self, request: Callable[[], Awaitable[T]], within: float = STORE_DEADLINE,
-        while_connected: bool = False,
-    ) -> T | None:  # fmt: skip
-        """``request()`` until it answers, for ``within`` seconds at most (and, with
-        ``while_connected``, while the connection is up); None after."""
+        self, request: Callable[[], Awaitable[T]], within: float = STORE_DEADLINE
+    ) -> T | None:
+        """``request()`` until it answers, for ``within`` seconds at most; None after."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + within
         while loop.time() < deadline:
@@ -379,8 +393,6 @@ class Bus:
                     raise
                 except (nats.errors.Error, TimeoutError):
                     pass
-            elif while_connected:
-                return None
             await asyncio.sleep(_STORE_RETRY_WAIT)
         return None
 
@@ -413,14 +425,26 @@ class Bus:
         found = await self._read(get, within)
         return (found.seq or 0) if found else 0
 
-    async def first_stored(self, stream: str) -> int:
-        """The stream's first sequence still stored (everything before it expired).
+    async def first_stored(self, stream: str, within: float = 0.0) -> int:
+        """The stream's first sequence still stored (everything before it expired); asked
+        again while the connection is down or the stream does not answer, for ``within``
+        seconds (0: once).
 
         Raises:
             nats.errors.Error: the stream did not answer (or is not there).
+            TimeoutError: not within ``within`` seconds.
         """
-        info = await self._client.jetstream(timeout=_STORE_TIMEOUT).stream_info(stream)
-        return (info.state.first_seq or 1) if info.state else 1
+
+        async def info() -> js_api.StreamInfo:
+            return await self._client.jetstream(timeout=_STORE_TIMEOUT).stream_info(stream)
+
+        if within <= 0:
+            found = await info()
+        elif (answered := await self._retrying(info, within)) is None:
+            raise TimeoutError("the history did not answer")
+        else:
+            found = answered
+        return (found.state.first_seq or 1) if found.state else 1
 
     async def read_range(
         self, stream: str, subject: str, after: int, through: int

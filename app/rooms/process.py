@@ -50,7 +50,7 @@ from prometheus_client import CollectorRegistry
 from websockets.asyncio.server import ServerConnection, broadcast
 from websockets.protocol import State
 
-from app.bus import STORE_DEADLINE, Bus, StreamMissing
+from app.bus import READ_DEADLINE, STORE_DEADLINE, Bus, StreamMissing
 from app.metrics import BusMetrics, Metrics
 from app.rooms.delivery import (
     SEND_BACK,
@@ -106,8 +106,11 @@ _GAP_RETRY = 0.5
 # Reads of the history out at once, for every room of the process: a burst (a bus restart
 # that left a thousand rooms behind) is spread, and one stuck read stalls no other room.
 _READS_AT_ONCE = 32
-# A room's starting point is read for this long before its joiner is refused.
-_ANCHOR_DEADLINE = 10.0
+# A room's starting point is waited for this long (the bus back after its server's
+# restart, the history answering) before its joiner is refused; as long as a resume's reads.
+_ANCHOR_DEADLINE = READ_DEADLINE
+# While the bus is away, a joiner's wait looks again this often.
+_ANCHOR_RETRY = 0.2
 QUIET = 2.0
 """Seconds a room with members here may go without a stored message reaching this process
 before the process asks the history whether it missed some (its server was down while
@@ -608,7 +611,7 @@ class Rooms:
         the history does not say (the member is then told its resume is incomplete)."""
         assert self._bus is not None
         try:
-            return await self._bus.first_stored(self.stream) <= max(since, 1)
+            return await self._bus.first_stored(self.stream, READ_DEADLINE) <= max(since, 1)
         except (nats.errors.Error, TimeoutError):
             return False
 
@@ -689,28 +692,34 @@ class Rooms:
         (and the server knows it), then the id of the room's last stored message. Every
         later one then reaches its members here, live or read back.
 
+        Waits up to :data:`_ANCHOR_DEADLINE` for the bus and the history (a server
+        restarting on this host).
+
         Raises:
-            HistoryUnavailable: the bus or the history did not answer.
+            HistoryUnavailable: the bus or the history did not answer in that time.
         """
         bus = self._bus
         assert bus is not None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + _ANCHOR_DEADLINE
         async with room._anchoring:
-            if room._delivery.anchored:
-                return
-            if not await self._history_within(_ANCHOR_DEADLINE):
-                raise HistoryUnavailable("the history is not set up")
-            await bus.subscribe(room.subject)
-            if not await bus.flush():
-                raise HistoryUnavailable("the bus is away")
-            try:
-                last = await bus.last_stored(
-                    self.stream, self._history_subject(room), _ANCHOR_DEADLINE
-                )
-            except (nats.errors.Error, TimeoutError, StreamMissing) as error:
-                fields = {"room": room.name, "error": str(error) or type(error).__name__}
-                logger.warning("history_unreadable", extra={"fields": fields})
-                raise HistoryUnavailable(str(error)) from error
-            self._apply(room, room._delivery.anchor(last))
+            while not room._delivery.anchored:
+                left = deadline - loop.time()
+                if left <= 0:
+                    raise HistoryUnavailable("the bus or its history did not answer")
+                if not await self._history_within(left) or not bus.connected:
+                    await asyncio.sleep(_ANCHOR_RETRY)
+                    continue
+                await bus.subscribe(room.subject)
+                if not await bus.flush():
+                    continue
+                try:
+                    last = await bus.last_stored(self.stream, self._history_subject(room), left)
+                except (nats.errors.Error, TimeoutError, StreamMissing) as error:
+                    fields = {"room": room.name, "error": str(error) or type(error).__name__}
+                    logger.warning("history_unreadable", extra={"fields": fields})
+                    raise HistoryUnavailable(str(error)) from error
+                self._apply(room, room._delivery.anchor(last))
 
     async def _history_within(self, seconds: float) -> bool:
         """Whether the history is set up, waiting up to ``seconds`` for a process that has
