@@ -1,10 +1,14 @@
-"""One process's connection to its host's NATS server, kept for the life of the process.
+"""One process's connection to the bus, kept for the life of the process.
 
 The bus carries room messages and presence between the processes of the fleet;
 :mod:`app.rooms` decides what goes on it. This module keeps the connection: it
-connects in the background (the process serves meanwhile), logs a loss once, tries
-again forever with backoff, and keeps ``wsapp_bus_connected`` and the round trip in
-the metrics. nats-py subscribes again by itself after a reconnection.
+connects in the background (the process serves meanwhile), to the first server of its
+list that answers (the host's own comes first, the other hosts' after it), logs a loss
+once, tries again forever, and keeps ``wsapp_bus_connected`` and the round trip in the
+metrics. nats-py subscribes again by itself after a reconnection.
+
+A server about to stop (lame duck mode, the bus role's restarts) tells its clients so;
+the process then moves to the next server at once, rather than wait to be cut off.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import contextlib
 import logging
 import math
 import random
+import ssl
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, TypeVar
@@ -38,15 +43,16 @@ OnMessage = Callable[[str, Mapping[str, str], bytes], Awaitable[None]]
 of one subscription are handed over one at a time, in order."""
 
 # Until the first connection, an attempt every second (nats-py's own loop, whole
-# seconds). After a loss, an attempt at once, then waits doubling from 50 ms to 2 s:
-# a server back after a restart is found again within about 2 s.
+# seconds). After a loss, each server of the list once, in order and without a wait
+# (a restarting server refuses at once, and the next takes over within a second); then
+# rounds with waits doubling from 50 ms to 2 s.
 _START_RETRY = 1
 _BACKOFF_FIRST = 0.05
 _BACKOFF_MAX = 2.0
 _CONNECT_TIMEOUT = 2
-# The host's server is on loopback: a dead one closes the socket at once. The pings
-# find a hung one (no answer to 2 pings 5 s apart).
-_PING_INTERVAL = 5
+# A server on another host that vanished closes nothing: the pings find it (no answer
+# to 2 pings 2 s apart), as they find a hung one.
+_PING_INTERVAL = 2
 _RTT_EVERY = 2.0
 _RTT_TIMEOUT = 2
 _CLOSE_FLUSH_TIMEOUT = 1
@@ -118,13 +124,15 @@ class Bus:
     """The connection to the bus, up whenever a server answers.
 
     Args:
-        servers: URLs of the servers to use: the host's own, on loopback. Servers the
-            cluster advertises are never used, so a process stays with its host's server.
-        token: auth token for the server, or empty. Never logged.
+        servers: URLs of the servers to use, in order of preference: the host's own
+            first. Servers the cluster advertises are never used.
+        token: auth token for the servers, or empty. Never logged.
         name: this process's label, shown in the server's list of connections.
         metrics: the bus series to keep.
         on_message: called for every message received on a subscription.
         on_connected: called on each connection, once subscriptions are restored.
+        ca_file: CA (PEM) that verifies the servers of ``tls://`` URLs, whose
+            certificates must name the URL's host; empty: the system's CAs.
     """
 
     def __init__(
@@ -135,20 +143,26 @@ class Bus:
         metrics: BusMetrics,
         on_message: OnMessage,
         on_connected: Callable[[], None],
+        ca_file: str = "",
     ) -> None:
         self.servers = list(servers)
+        self._ca_file = ca_file
         self._token = token
         self._name = name
         self._metrics = metrics
         self._on_message = on_message
         self._on_connected = on_connected
-        self._ours = {_host_port(url) for url in self.servers}
+        self._order = [_host_port(url) for url in self.servers]
+        # The servers tried since the connection was lost, this round (_next_server).
+        self._tried: set[tuple[str, int]] = set()
+        self._rounds = 0
         self._client = Client()
         self._subscriptions: dict[str, Subscription] = {}
         # One subscribe or unsubscribe at a time: two joins of a room at once would
         # otherwise both find it unsubscribed and make two subscriptions.
         self._subscribing = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
+        self._moving: asyncio.Task[None] | None = None
         self._ever_connected = False
         self._outage_logged = False
         self._closing = False
@@ -177,11 +191,19 @@ class Bus:
             logger.exception("bus_failed")
             self._metrics.connected.set(0)
 
+    def _tls(self) -> ssl.SSLContext | None:
+        if not any(urlsplit(url).scheme == "tls" for url in self.servers):
+            return None
+        return ssl.create_default_context(cafile=self._ca_file or None)
+
     async def _connect_and_measure(self) -> None:
         await self._client.connect(
             servers=self.servers,
             name=self._name,
             token=self._token or None,
+            tls=self._tls(),
+            # The list's order is the preference: the host's own server first.
+            dont_randomize=True,
             # A process delivers its own messages to its members itself.
             no_echo=True,
             allow_reconnect=True,
@@ -194,6 +216,7 @@ class Bus:
             error_cb=self._error,
             disconnected_cb=self._disconnected,
             reconnected_cb=self._reconnected,
+            lame_duck_mode_cb=self._lame_duck,
         )
         await self._up()
         while True:
@@ -210,18 +233,42 @@ class Bus:
     def _next_server(
         self, pool: list[PoolServer], info: dict[str, Any]
     ) -> tuple[PoolServer | None, float]:
-        """nats-py's hook between reconnection attempts: which server, after what wait."""
-        ours = [server for server in pool if _host_port(server.uri.geturl()) in self._ours]
-        if not ours:
+        """nats-py's hook before each reconnection attempt: which server, after what wait.
+
+        Each call after the first of an outage follows a failed attempt. A round tries
+        every server of the list once, in its order, at once; the rounds after the first
+        wait longer and longer, so that a bus that is down everywhere is not hammered.
+        """
+        known = {_host_port(server.uri.geturl()): server for server in pool}
+        candidates = [address for address in self._order if address in known]
+        if not candidates:
             return None, _BACKOFF_MAX
-        server = min(ours, key=lambda candidate: candidate.reconnects)
-        if server.reconnects == 0:
-            return server, 0.0
-        wait = min(_BACKOFF_FIRST * 2 ** (server.reconnects - 1), _BACKOFF_MAX)
-        # Jitter: the instances of a host do not all knock at the same instant.
-        return server, wait * random.uniform(0.5, 1.0)  # noqa: S311 (not a secret)
+        untried = [address for address in candidates if address not in self._tried]
+        wait = 0.0
+        if not untried:
+            self._tried.clear()
+            self._rounds += 1
+            untried = candidates
+            wait = min(_BACKOFF_FIRST * 2 ** (self._rounds - 1), _BACKOFF_MAX)
+            # Jitter: the instances of a host do not all knock at the same instant.
+            wait *= random.uniform(0.5, 1.0)  # noqa: S311 (not a secret)
+        self._tried.add(untried[0])
+        return known[untried[0]], wait
+
+    async def _lame_duck(self) -> None:
+        """The server is about to stop (lame duck mode): move to the next one now. A task
+        of its own: this runs inside the connection's read loop, which the move closes."""
+        url = self._client.connected_url
+        fields = {"url": redact(url.geturl()) if url else "-"}
+        logger.info("bus_server_leaving", extra={"fields": fields})
+        if url is not None:
+            # Not tried again this round: it takes no new connection while it leaves.
+            self._tried.add(_host_port(url.geturl()))
+        self._moving = asyncio.create_task(self._client.force_reconnect(), name="bus-move")
 
     async def _up(self) -> None:
+        self._tried.clear()
+        self._rounds = 0
         again = self._ever_connected
         self._ever_connected = True
         self._outage_logged = False
@@ -446,6 +493,33 @@ class Bus:
             found = answered
         return (found.state.first_seq or 1) if found.state else 1
 
+    async def count_after(self, stream: str, subject: str, after: int) -> int:
+        """How many messages the stream holds on ``subject`` with sequences after ``after``,
+        counted by a consumer of their own (JetStream has no count by subject and start).
+
+        Raises:
+            nats.errors.Error: the stream did not answer (or is not there).
+        """
+        jetstream = self._client.jetstream(timeout=_STORE_TIMEOUT)
+        info = await jetstream.add_consumer(stream, self._reader(subject, after))
+        with contextlib.suppress(nats.errors.Error):
+            await jetstream.delete_consumer(stream, info.name)
+        return info.num_pending or 0
+
+    def _reader(self, subject: str, after: int) -> js_api.ConsumerConfig:
+        """An ephemeral consumer of ``subject``'s messages after ``after``, gone when done
+        or unused for a while (a read cut short)."""
+        return js_api.ConsumerConfig(
+            name=self._client._nuid.next().decode(),
+            deliver_policy=js_api.DeliverPolicy.BY_START_SEQUENCE,
+            opt_start_seq=after + 1,
+            ack_policy=js_api.AckPolicy.NONE,
+            filter_subject=subject,
+            inactive_threshold=_CONSUMER_IDLE,
+            mem_storage=True,
+            num_replicas=1,
+        )
+
     async def read_range(
         self, stream: str, subject: str, after: int, through: int
     ) -> tuple[list[tuple[int, Mapping[str, str], bytes]], bool]:
@@ -457,16 +531,7 @@ class Bus:
             nats.errors.Error: the stream did not answer (or is not there).
         """
         jetstream = self._client.jetstream(timeout=_STORE_TIMEOUT)
-        config = js_api.ConsumerConfig(
-            name=self._client._nuid.next().decode(),
-            deliver_policy=js_api.DeliverPolicy.BY_START_SEQUENCE,
-            opt_start_seq=after + 1,
-            ack_policy=js_api.AckPolicy.NONE,
-            filter_subject=subject,
-            inactive_threshold=_CONSUMER_IDLE,
-            mem_storage=True,
-            num_replicas=1,
-        )
+        config = self._reader(subject, after)
         info = await jetstream.add_consumer(stream, config)
         try:
             if not info.num_pending:
@@ -491,10 +556,11 @@ class Bus:
     async def close(self) -> None:
         """Send what is buffered and disconnect; no further attempts."""
         self._closing = True
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        for task in (self._task, self._moving):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         client = self._client
         if client.is_connected:
             with contextlib.suppress(nats.errors.Error, TimeoutError):

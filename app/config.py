@@ -127,12 +127,18 @@ class Settings:
     )
     bus_url: tuple[str, ...] = _option(
         "",
-        "NATS server(s) that carry rooms across the fleet, comma-separated, e.g. "
-        "nats://127.0.0.1:4222 (empty: rooms stay in this process)",
+        "NATS servers that carry rooms across the fleet, comma-separated, in order of "
+        "preference (the host's own first; the others take over while it is away), e.g. "
+        "tls://10.0.0.11:4222,tls://10.0.0.12:4222 (empty: rooms stay in this process)",
         convert=_split,
     )
     bus_token: str = _option(
-        "", "auth token for the bus server (better given in the environment)", secret=True
+        "", "auth token for the bus servers (better given in the environment)", secret=True
+    )
+    bus_ca: str = _option(
+        "",
+        "CA file (PEM) that verifies the bus servers of tls:// URLs, whose certificates "
+        "must name the URL's host (empty: the system's CAs)",
     )
     bus_prefix: str = _option("wsapp", "first tokens of the bus subjects: <prefix>.room.<room>")
     bus_history_max_age: float = _option(
@@ -244,6 +250,8 @@ def parse_settings(
     # Not echoed: a URL may carry a user and password.
     if any(urlsplit(url).scheme not in ("nats", "tls") for url in bus_urls):
         parser.error("--bus-url: every URL must start with nats:// or tls://")
+    if args.bus_ca and not os.access(args.bus_ca, os.R_OK):
+        parser.error(f"--bus-ca: cannot read {args.bus_ca!r}")
     if not _SUBJECT_PREFIX.fullmatch(args.bus_prefix):
         parser.error(
             f"--bus-prefix: {args.bus_prefix!r} is not a NATS subject prefix "

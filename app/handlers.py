@@ -63,6 +63,34 @@ def _since(path: str) -> int | None:
     return int(value) if value.isdigit() else None
 
 
+def _last(path: str) -> int:
+    """``last=<K>``: the room's latest K messages wanted on joining (at most
+    :data:`app.rooms.MAX_RECENT`); 0 when absent or not a number."""
+    value = parse_qs(urlsplit(path).query).get("last", [""])[0]
+    return min(int(value), rooms.MAX_RECENT) if value.isdigit() else 0
+
+
+def _sent_ref(frame: bytes) -> str | None:
+    """The reference named by a client's message event, ``{"type": "message", "ref": R}``;
+    None when ``frame`` is not one (a binary message of the room).
+
+    Raises:
+        ValueError: a message event whose reference is not valid (:func:`rooms.valid_ref`).
+    """
+    if not frame.startswith(b"{"):
+        return None
+    try:
+        event = json.loads(frame)
+    except ValueError:
+        return None
+    if not isinstance(event, dict) or event.get("type") != "message":
+        return None
+    ref = event.get("ref")
+    if not isinstance(ref, str) or not rooms.valid_ref(ref):
+        raise ValueError(f"a message reference is 1 to {rooms.MAX_REF} printable characters")
+    return ref
+
+
 async def chat(ws: ServerConnection) -> None:
     """Send each message to every member of the room in the fleet, the sender too.
 
@@ -77,13 +105,19 @@ async def chat(ws: ServerConnection) -> None:
     whenever the room's count in the fleet changes. A client that comes back with
     ``since=<the last id it saw>`` first gets the messages it missed, then
     ``{"type": "resumed", "restored": K, "complete": true|false, ...}``
-    (:meth:`app.rooms.Rooms.joined`). A message the room's history did not store is
-    refused (:func:`_chat_in`); a join without the history's answer is closed with 1013.
+    (:meth:`app.rooms.Rooms.joined`); one that joins with ``last=<K>`` instead first
+    gets the room's latest K messages, the same way. Such a client may also name what
+    it sends, for an acknowledgement (:func:`_chat_in`). A message the room's history
+    did not store is refused; a join without the history's answer is closed with 1013.
     """
     path = ws.request.path if ws.request else "/"
     events_wanted = _wants_events(path)
+    since = _since(path)
+    last = _last(path) if since is None else 0
     try:
-        async with rooms.joined(_room_of(path), ws, since=_since(path), ids=events_wanted) as room:
+        async with rooms.joined(
+            _room_of(path), ws, since=since, ids=events_wanted, last=last
+        ) as room:
             await _chat_in(ws, room, events_wanted)
     except rooms.HistoryUnavailable:
         # No starting point in the room's history: nothing could be promised. 1013: try
@@ -92,20 +126,44 @@ async def chat(ws: ServerConnection) -> None:
 
 
 async def _chat_in(ws: ServerConnection, room: rooms.Room, events_wanted: bool) -> None:
-    """Broadcast what the member sends; a message the history did not store is refused,
-    to an events client with ``{"type": "refused", "reason": ...}``, to another with a
-    close 1013: no one got it, and the client knows."""
+    """Broadcast what the member sends.
+
+    An events client may precede a message with ``{"type": "message", "ref": R}`` (a
+    binary frame of JSON; R its own reference, unique in the room): once the message is
+    stored it gets ``{"type": "ack", "ref": R, "id": N}`` (after the message itself). The
+    same reference sent again in the room, from any connection, within the history's
+    window, is stored once: its ack names the first id.
+
+    A message the history did not store is refused, to an events client with
+    ``{"type": "refused", "reason": ...}`` (and its ``ref``), to another with a close
+    1013: no one got it, and the client knows.
+    """
     events = asyncio.create_task(_send_events(ws, room)) if events_wanted else None
+    ref: str | None = None
     try:
         async for message in ws:
+            if events_wanted and ref is None and isinstance(message, bytes):
+                try:
+                    ref = _sent_ref(message)
+                except ValueError as error:
+                    await ws.close(CloseCode.POLICY_VIOLATION, str(error))
+                    return
+                if ref is not None:
+                    continue  # the next frame is the message it names
+            named, ref = ref, None
             try:
-                await room.broadcast(message)
+                seq = await room.broadcast(message, named)
             except rooms.NotStored as error:
                 if not events_wanted:
                     await ws.close(CloseCode.TRY_AGAIN_LATER, "message not stored")
                     return
                 refused = {"type": "refused", "reason": str(error)}
+                if named is not None:
+                    refused["ref"] = named
                 await ws.send(json.dumps(refused).encode())
+                continue
+            if named is not None:
+                await ws.send(json.dumps({"type": "ack", "ref": named, "id": seq}).encode())
     finally:
         if events is not None:
             events.cancel()

@@ -430,6 +430,7 @@ class Server:
                 metrics=self.metrics,
                 bus_servers=settings.bus_url,
                 bus_token=settings.bus_token,
+                bus_ca=settings.bus_ca,
                 prefix=settings.bus_prefix,
                 history=rooms.History(
                     max_age=settings.bus_history_max_age,

@@ -20,6 +20,8 @@ from app.rooms.process import (
     EXPIRY,
     HEARTBEAT,
     MAX_NAME_BYTES,
+    MAX_RECENT,
+    MAX_REF,
     History,
     HistoryUnavailable,
     NotStored,
@@ -29,12 +31,15 @@ from app.rooms.process import (
     joined,
     set_current,
     subject_token,
+    valid_ref,
 )
 
 __all__ = [
     "EXPIRY",
     "HEARTBEAT",
     "MAX_NAME_BYTES",
+    "MAX_RECENT",
+    "MAX_REF",
     "History",
     "HistoryUnavailable",
     "NotStored",
@@ -44,4 +49,5 @@ __all__ = [
     "joined",
     "set_current",
     "subject_token",
+    "valid_ref",
 ]

@@ -204,6 +204,22 @@ class RoomDelivery(Generic[M]):
         """Whether the room has its starting point here (members may join)."""
         return self._log is not None
 
+    def start_of_last(self, count: int) -> int | None:
+        """The ``since`` from which a member is sent the room's last ``count`` messages,
+        when the latest messages kept here tell it; None when they do not (the history
+        must be asked)."""
+        log = self._log
+        if log is None or count < 0:
+            return None
+        if count == 0:
+            return log.last
+        if len(log.messages) > count:
+            return log.messages[-count - 1].id
+        if len(log.messages) == count or log.base == 0:
+            # All of them here, or fewer but every one since the room's first.
+            return log.base
+        return None
+
     # --- events -----------------------------------------------------------------------------
 
     def anchor(self, last: int) -> list[Action[M]]:

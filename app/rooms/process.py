@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import logging
 import re
@@ -68,6 +69,8 @@ __all__ = [
     "EXPIRY",
     "HEARTBEAT",
     "MAX_NAME_BYTES",
+    "MAX_RECENT",
+    "MAX_REF",
     "History",
     "HistoryUnavailable",
     "NotStored",
@@ -77,6 +80,7 @@ __all__ = [
     "joined",
     "set_current",
     "subject_token",
+    "valid_ref",
 ]
 
 logger = logging.getLogger(__name__)
@@ -87,6 +91,10 @@ EXPIRY = 3.0
 """Seconds after which a process's count of a room, not heard again, drops out."""
 MAX_NAME_BYTES = 255
 """Longest room name, in UTF-8 bytes (its subject token is at most three times that)."""
+MAX_REF = 64
+"""Longest message reference a sender may give (:meth:`Room.broadcast`)."""
+MAX_RECENT = 100
+"""Most of a room's latest messages a joining member may ask for (``last``)."""
 
 TYPE_HEADER = "Wsapp-Type"
 MEMBERS_HEADER = "Wsapp-Members"
@@ -160,15 +168,33 @@ class History:
 
     @property
     def duplicate_window(self) -> float:
-        """Seconds within which a retried store is recognised (at most ``max_age``, which
-        JetStream requires)."""
-        return min(120.0, self.max_age)
+        """Seconds within which a message stored again under the same reference (a retried
+        store, a client's re-send) is recognised: ``max_age``, so a client away for as long
+        as it could still resume is recognised when it sends again (JetStream allows no
+        longer)."""
+        return self.max_age
 
     @property
     def store_deadline(self) -> float:
         """Seconds a store keeps trying: within the duplicate window, so that every try of
         a message is stored once, whatever ``max_age``."""
         return min(STORE_DEADLINE, self.duplicate_window / 2)
+
+
+def valid_ref(ref: str) -> bool:
+    """Whether ``ref`` can name a message: 1 to :data:`MAX_REF` printable ASCII characters,
+    no space."""
+    return 0 < len(ref) <= MAX_REF and all("!" <= char <= "~" for char in ref)
+
+
+def _store_id(room: Room, ref: str | None) -> str:
+    """The message's key in the stream's deduplication: the room and the sender's
+    reference (the same from any process or host), or a fresh one (no reference: only
+    the store's own retries are recognised)."""
+    if ref is None:
+        return uuid.uuid4().hex
+    key = hashlib.blake2b(f"{room.subject}\0{ref}".encode(), digest_size=16)
+    return "ref-" + key.hexdigest()
 
 
 def _message_event(seq: int) -> bytes:
@@ -242,7 +268,7 @@ class Room:
         """The id of the last stored message delivered here (None: no starting point yet)."""
         return self._delivery.last
 
-    async def broadcast(self, message: str | bytes) -> int | None:
+    async def broadcast(self, message: str | bytes, ref: str | None = None) -> int | None:
         """Send ``message`` to every member of the room in the fleet, the sender included.
 
         A ``str`` goes in a text frame, ``bytes`` in a binary frame. With the history on,
@@ -253,11 +279,18 @@ class Room:
 
         Args:
             message: the message, as a handler receives it from ``ws``.
+            ref: the sender's own reference for the message (:func:`valid_ref`). A
+                message broadcast again with the same reference, in the same room, from
+                any process, within the history's ``duplicate_window``, is stored once:
+                the second call returns the first one's id and sends nothing.
 
         Raises:
             NotStored: the history is on and did not store the message; no one got it.
+            ValueError: ``ref`` is not a valid reference.
         """
-        return await self._rooms._broadcast(self, message)
+        if ref is not None and not valid_ref(ref):
+            raise ValueError(f"a message reference is 1 to {MAX_REF} printable ASCII characters")
+        return await self._rooms._broadcast(self, message, ref)
 
     def members(self) -> int:
         """How many members the room has in the whole fleet.
@@ -320,7 +353,9 @@ class Rooms:
         instance: this process's label in presence, e.g. ``fleet1:8001``.
         metrics: the process's metrics (None: not counted).
         bus_servers: URLs of the bus servers; none: the rooms stay in this process.
-        bus_token: auth token for the bus server, or empty.
+        bus_token: auth token for the bus servers, or empty.
+        bus_ca: CA file that verifies the bus servers of ``tls://`` URLs (empty: the
+            system's).
         prefix: first tokens of the rooms' subjects, ``<prefix>.room.<token>``.
         history: keep the rooms' messages in the bus (None: at most once, no ids).
         max_queue_bytes: bytes a member's outgoing queue (its connection's write buffer)
@@ -333,6 +368,7 @@ class Rooms:
         metrics: Metrics | None = None,
         bus_servers: Sequence[str] = (),
         bus_token: str = "",
+        bus_ca: str = "",
         prefix: str = "wsapp",
         history: History | None = None,
         max_queue_bytes: int = 0,
@@ -363,7 +399,7 @@ class Rooms:
         if bus_servers:
             self._bus = Bus(
                 bus_servers, bus_token, instance, self._bus_metrics,
-                on_message=self._received, on_connected=self._connected,
+                on_message=self._received, on_connected=self._connected, ca_file=bus_ca,
             )  # fmt: skip
 
     @property
@@ -405,12 +441,12 @@ class Rooms:
 
     @contextlib.asynccontextmanager
     async def _joined(
-        self, name: str, ws: ServerConnection, since: int | None, ids: bool
+        self, name: str, ws: ServerConnection, since: int | None, ids: bool, last: int
     ) -> AsyncIterator[Room]:
         room = self._enter(name, ws)
         try:
             if self._stored:
-                await self._admit(room, ws, since, ids)
+                await self._admit(room, ws, since, ids, last)
             elif since is not None:
                 # No history: nothing to restore, and nothing to say it is complete.
                 self._tell_resumed(room, ws, since, 0, complete=False)
@@ -422,12 +458,17 @@ class Rooms:
             self._leave(room, ws)
 
     async def _admit(
-        self, room: Room, ws: ServerConnection, since: int | None, ids: bool
+        self, room: Room, ws: ServerConnection, since: int | None, ids: bool, last: int
     ) -> None:
-        """Make ``ws`` a member of the room's order here; with ``since``, once it was sent
-        what it missed and told so (or closed)."""
+        """Make ``ws`` a member of the room's order here; with ``since`` (or ``last``),
+        once it was sent what it missed (the room's latest) and told so (or closed)."""
         await self._anchor(room)
-        kept = since is None or await self._since_kept(since)
+        if since is None and last > 0:
+            # The room's latest, sent as a resume from just before them would be.
+            since = await self._start_of_last(room, last)
+            kept = True
+        else:
+            kept = since is None or await self._since_kept(since)
         room._ids[ws] = ids
         if since is None:
             self._apply(room, room._delivery.join(ws))
@@ -441,8 +482,9 @@ class Rooms:
             closed.cancel()
 
     def joined(
-        self, name: str, ws: ServerConnection, since: int | None = None, ids: bool = False
-    ) -> AbstractAsyncContextManager[Room]:
+        self, name: str, ws: ServerConnection, since: int | None = None, ids: bool = False,
+        last: int = 0,
+    ) -> AbstractAsyncContextManager[Room]:  # fmt: skip
         """Make ``ws`` a member of room ``name`` for the duration of an ``async with``.
 
         With ``since``, the id of the last message the client saw in this room, the member
@@ -458,16 +500,23 @@ class Rooms:
             since: the last message id the client saw (None: live messages only).
             ids: precede each stored message with a ``{"type": "message", "id": N}`` event
                 (a binary frame of JSON): the id to come back with.
+            last: without ``since``, first send the room's latest ``last`` messages (at
+                most :data:`MAX_RECENT`) from the history, in order, then the
+                ``resumed`` event, as a resume from just before them would (a client
+                opening a chat sees its recent past, and resumes from there later).
 
         Raises:
-            ValueError: when the name is too long or ``since`` negative.
+            ValueError: when the name is too long, ``since`` negative or ``last`` out of
+                range.
             HistoryUnavailable: (on entering) the history is on and did not answer.
         """
         if len(_utf8(name)) > MAX_NAME_BYTES:
             raise ValueError(f"room name longer than {MAX_NAME_BYTES} bytes")
         if since is not None and since < 0:
             raise ValueError("since must be a message id, 0 or more")
-        return self._joined(name, ws, since, ids)
+        if not 0 <= last <= MAX_RECENT:
+            raise ValueError(f"last must be between 0 and {MAX_RECENT}")
+        return self._joined(name, ws, since, ids, last)
 
     def _enter(self, name: str, ws: ServerConnection) -> Room:
         subject = f"{self.prefix}.room.{subject_token(name)}"
@@ -606,6 +655,39 @@ class Rooms:
         kept = first <= read.after + 1
         self._apply(room, room._delivery.read_done(read, messages, kept, exhausted))
 
+    async def _start_of_last(self, room: Room, count: int) -> int:
+        """The ``since`` after which the room holds its latest ``count`` messages: from the
+        messages kept here when they tell it, else searched in the history (by halves,
+        counting what it holds after a point: JetStream reads forward only).
+
+        Raises:
+            HistoryUnavailable: the history did not answer.
+        """
+        found = room._delivery.start_of_last(count)
+        if found is not None:
+            return found
+        assert self._bus is not None
+        subject = self._history_subject(room)
+        try:
+            async with self._reads:
+                # The answer is in [first - 1, last]: the smallest point with at most
+                # ``count`` of the room's messages after it.
+                low = await self._bus.first_stored(self.stream, READ_DEADLINE) - 1
+                high = room._delivery.last or 0
+                if await self._bus.count_after(self.stream, subject, low) <= count:
+                    return low
+                while high - low > 1:
+                    middle = (low + high) // 2
+                    if await self._bus.count_after(self.stream, subject, middle) <= count:
+                        high = middle
+                    else:
+                        low = middle
+        except (nats.errors.Error, TimeoutError, StreamMissing) as error:
+            fields = {"room": room.name, "error": str(error) or type(error).__name__}
+            logger.warning("history_unreadable", extra={"fields": fields})
+            raise HistoryUnavailable(str(error)) from error
+        return high
+
     async def _since_kept(self, since: int) -> bool:
         """Whether message ``since`` is still stored (0: nothing ever expired); False when
         the history does not say (the member is then told its resume is incomplete)."""
@@ -622,7 +704,7 @@ class Rooms:
         sequence, on the room's subject."""
         return f"{self.prefix}.hist.{room.subject.rsplit('.', 1)[1]}"
 
-    async def _broadcast(self, room: Room, message: str | bytes) -> int | None:
+    async def _broadcast(self, room: Room, message: str | bytes, ref: str | None) -> int | None:
         text = isinstance(message, str)
         data = message.encode() if isinstance(message, str) else bytes(message)
         headers = {} if text else {TYPE_HEADER: "binary"}
@@ -641,7 +723,7 @@ class Rooms:
         seq = None
         if self._history_ready:
             seq = await self._bus.store(
-                self._history_subject(room), data, headers, msg_id=uuid.uuid4().hex,
+                self._history_subject(room), data, headers, msg_id=_store_id(room, ref),
                 deadline=self.history.store_deadline,
             )  # fmt: skip
         if seq is None:
@@ -897,7 +979,7 @@ def set_current(rooms: Rooms) -> None:
 
 
 def joined(
-    name: str, ws: ServerConnection, since: int | None = None, ids: bool = False
+    name: str, ws: ServerConnection, since: int | None = None, ids: bool = False, last: int = 0
 ) -> AbstractAsyncContextManager[Room]:
-    """``current().joined(name, ws, since, ids)``: see :meth:`Rooms.joined`."""
-    return current().joined(name, ws, since, ids)
+    """``current().joined(name, ws, since, ids, last)``: see :meth:`Rooms.joined`."""
+    return current().joined(name, ws, since, ids, last)

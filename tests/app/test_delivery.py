@@ -465,3 +465,24 @@ TestInterleavings.settings = settings(
     max_examples=1000, stateful_step_count=50, deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
 )  # fmt: skip
+
+
+def test_the_latest_messages_are_told_from_the_log_or_left_to_the_history() -> None:
+    """The start of a room's latest K, from the messages kept here: exact when the log
+    holds K or more (or every one since the room's first), None when it holds fewer and
+    older ones may exist (the history is then searched)."""
+    room = Room()
+    room.store(step=3)  # 3: before this process listened
+    room.deliver_all()
+    room.anchor()
+    for _ in range(4):
+        room.live(room.store())  # 4, 5, 6, 7
+    assert room.delivery.start_of_last(2) == 5
+    assert room.delivery.start_of_last(4) == 3
+    assert room.delivery.start_of_last(0) == 7
+    assert room.delivery.start_of_last(5) is None
+    fresh = Room()
+    fresh.anchor()
+    for _ in range(3):
+        fresh.live(fresh.store())
+    assert fresh.delivery.start_of_last(10) == 0

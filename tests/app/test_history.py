@@ -39,19 +39,29 @@ class Client:
         self.received: list[tuple[int | None, str]] = []
         self.resumed: dict[str, Any] | None = None
         self.hello: dict[str, Any] | None = None
+        self.acks: dict[str, int | None] = {}  # ref -> id
+        self.refused: dict[str, str] = {}  # ref -> reason
         self._next_id: int | None = None
         self._reader = asyncio.create_task(self._read())
 
     @classmethod
-    async def join(cls, app: AppProcess, room: str, since: int | None = None) -> Client:
+    async def join(
+        cls, app: AppProcess, room: str, since: int | None = None, last: int = 0
+    ) -> Client:
         query = "events=1" + (f"&since={since}" if since is not None else "")
+        query += f"&last={last}" if last else ""
         client = cls(await connect(f"{app.url}/ws/{room}?{query}"))
         # The hello comes once the server has the client in the room (after its resume):
         # what is sent from then on reaches it. A busy server may take a while to join.
         await client.wait(lambda: client.hello is not None, "the hello event")
-        if since is not None:
+        if since is not None or last:
             assert client.resumed is not None
         return client
+
+    async def send(self, text: str, ref: str) -> None:
+        """Send ``text`` named ``ref``: its ack (or refusal) comes to :attr:`acks`."""
+        await self.ws.send(json.dumps({"type": "message", "ref": ref}).encode())
+        await self.ws.send(text)
 
     async def _read(self) -> None:
         with contextlib.suppress(Exception):
@@ -67,6 +77,10 @@ class Client:
                     self.resumed = event
                 elif event["type"] == "hello":
                     self.hello = event
+                elif event["type"] == "ack":
+                    self.acks[event["ref"]] = event["id"]
+                elif event["type"] == "refused" and "ref" in event:
+                    self.refused[event["ref"]] = event["reason"]
 
     async def wait(self, condition: Callable[[], bool], what: str, timeout: float = 10) -> None:
         deadline = time.monotonic() + timeout

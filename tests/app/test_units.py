@@ -126,10 +126,12 @@ def test_help_never_shows_the_bus_token() -> None:
         ("APP_BUS_PREFIX", "a.*"),
         ("APP_BUS_PREFIX", "a..b"),
         ("APP_BUS_PREFIX", "with space"),
+        ("APP_BUS_CA", "/nonexistent/ca.crt"),
     ],
 )
 def test_bad_bus_settings_are_rejected(variable: str, value: str) -> None:
-    """A bus URL that is not nats:// or tls://, a prefix that is no subject: exit 2."""
+    """A bus URL that is not nats:// or tls://, a prefix that is no subject, a CA file
+    that cannot be read: exit 2."""
     with pytest.raises(SystemExit) as exit_info:
         parse_settings([], environ={variable: value})
     assert exit_info.value.code == 2
