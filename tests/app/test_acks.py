@@ -79,9 +79,13 @@ def test_a_message_event_with_a_bad_reference_closes_with_1008(
     async def scenario() -> None:
         async with connect(f"{app.url}/ws/bad?events=1") as ws:
             await ws.send(b'{"type": "message", "ref": "has space"}')
+
+            async def read_to_the_close() -> None:
+                async for _ in ws:
+                    pass
+
             with pytest.raises(ConnectionClosedError):
-                while True:
-                    await asyncio.wait_for(ws.recv(), 10)
+                await asyncio.wait_for(read_to_the_close(), 10)
             assert ws.close_code == CloseCode.POLICY_VIOLATION
 
     asyncio.run(scenario())
@@ -195,7 +199,8 @@ def test_a_process_moves_to_another_server_when_its_own_leaves_and_nothing_is_re
         assert len(sender.acks) == 150, f"{150 - len(sender.acks)} never acked"
         ids = [sender.acks[f"p{n}"] for n in range(150)]
         assert all(isinstance(i, int) for i in ids)
-        assert ids == sorted(ids) and len(set(ids)) == 150
+        assert ids == sorted(ids)
+        assert len(set(ids)) == 150
         await member.wait(lambda: len(member.received) >= 150, "every message", 30)
         assert member.received == [(i, f"msg {n}") for n, i in enumerate(ids)]
         await asyncio.gather(member.close(), sender.close())
