@@ -288,6 +288,7 @@ def test_socket_activation_switches_on_and_off(fleet: Fleet, deployed: object) -
         # Found by the preflight's reading of the source, refused by the import in the release.
         (["app_handler=app.handlers:annotations"], "app_handler"),
         (["app_compression=brotli"], "app_compression"),
+        (["app_ping_interval=15"], "app_ping_interval"),
         (['{"nginx_app_paths": ["ws"]}'], "nginx_app_paths"),
         (["nginx_limit_conn_per_ip=100000"], "nginx_limit_conn_per_ip"),
         # The bus: a port the app or nginx holds, or its own twice; an address not the host's.
