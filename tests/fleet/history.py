@@ -1,7 +1,8 @@
 """A chat room's traffic on the live fleet, as its users' browsers make it: members on every
 host that come back with the last message id they saw whenever their connection closes,
-and a publisher on each host sending numbered messages. What every member received is
-then compared with the room's one order (the ids)."""
+and a publisher on each host sending numbered messages, each under a reference of its own,
+and sending again after a reconnect what was not acknowledged. What every member received
+is then compared with the room's one order (the ids), and with what was acknowledged."""
 
 from __future__ import annotations
 
@@ -40,6 +41,8 @@ class Member:
     received: list[tuple[int | None, str]] = field(default_factory=list)
     closes: Counter[int] = field(default_factory=Counter)
     resumed: list[dict[str, object]] = field(default_factory=list)
+    # (monotonic time, instance) of each hello: where it was served, from when.
+    hellos: list[tuple[float, str]] = field(default_factory=list)
 
     @property
     def last_id(self) -> int | None:
@@ -53,6 +56,11 @@ class RoomTraffic:
     members: list[Member] = field(default_factory=list)
     handshakes: Tally = field(default_factory=Tally)
     sent: int = 0
+    # What the publishers sent (each text is its own reference), and the id each ack gave
+    # (every ack of a text, re-sends included); the refusals, as "text: reason".
+    texts: list[str] = field(default_factory=list)
+    acks: dict[str, list[int]] = field(default_factory=dict)
+    refused: list[str] = field(default_factory=list)
 
 
 async def _member(
@@ -88,6 +96,8 @@ async def _read(ws: ClientConnection, member: Member, stop: asyncio.Event) -> No
                 next_id = event["id"]
             elif event["type"] == "resumed":
                 member.resumed.append(event)
+            elif event["type"] == "hello":
+                member.hellos.append((time.monotonic(), event["instance"]))
     except ConnectionClosed:
         pass
     finally:
@@ -101,40 +111,75 @@ async def _close_when(ws: ClientConnection, stop: asyncio.Event) -> None:
     await ws.close()
 
 
-async def _drain(ws: ClientConnection) -> None:
-    """Read and drop what comes (a publisher is a member too), so its close is not held up."""
+async def _acks(
+    ws: ClientConnection, unacked: dict[str, None], retry: list[str], traffic: RoomTraffic
+) -> None:
+    """Read what comes (a publisher is a member too), taking in the acks and refusals of
+    what it sent, so that its close is not held up."""
     try:
-        async for _ in ws:
-            pass
+        async for frame in ws:
+            if isinstance(frame, str):
+                continue
+            event = json.loads(frame)
+            if event["type"] == "ack":
+                traffic.acks.setdefault(event["ref"], []).append(event["id"])
+                unacked.pop(event["ref"], None)
+            elif event["type"] == "refused":
+                traffic.refused.append(f"{event.get('ref')}: {event['reason']}")
+                retry.append(event["ref"])
     except ConnectionClosed:
         pass
+
+
+async def _send(ws: ClientConnection, text: str) -> None:
+    """Send ``text`` under its own text as reference (the chat page's protocol)."""
+    await ws.send(json.dumps({"type": "message", "ref": text}).encode())
+    await ws.send(text)
 
 
 async def _publisher(
     address: str, room: str, name: str, context: ssl.SSLContext | None,
     traffic: RoomTraffic, stop: asyncio.Event,
 ) -> None:  # fmt: skip
-    """Send ``<name>-<n>`` every PUBLISH_EVERY seconds, reconnecting after a close."""
+    """Send ``<name>-<n>`` every PUBLISH_EVERY seconds; after a reconnect, first send again
+    what was not acknowledged (cut off before its ack), and a refused one at the next turn;
+    once stopped, go on until everything is acknowledged (or :data:`CATCH_UP` seconds)."""
     counter = itertools.count()
-    while not stop.is_set():
-        ws = await open_counted(f"wss://{address}/ws/{room}", context, traffic.handshakes,
-                                address, open_timeout=10)  # fmt: skip
+    unacked: dict[str, None] = {}  # in the order sent
+    loop = asyncio.get_running_loop()
+    until: float | None = None
+    while not stop.is_set() or (unacked and loop.time() < (until or 0)):
+        if stop.is_set() and until is None:
+            until = loop.time() + CATCH_UP
+        ws = await open_counted(f"wss://{address}/ws/{room}?events=1", context,
+                                traffic.handshakes, address, open_timeout=10)  # fmt: skip
         if ws is None:
             await asyncio.sleep(0.5)
             continue
-        drain = asyncio.ensure_future(_drain(ws))
+        retry: list[str] = []
+        reader = asyncio.ensure_future(_acks(ws, unacked, retry, traffic))
         try:
-            while not stop.is_set():
-                await ws.send(f"{name}-{next(counter)}")
-                traffic.sent += 1
+            for text in list(unacked):
+                await _send(ws, text)
+            while not reader.done() and (
+                not stop.is_set() or (unacked and loop.time() < (until or loop.time() + 1))
+            ):
+                while retry:
+                    await _send(ws, retry.pop(0))
+                if not stop.is_set():
+                    text = f"{name}-{next(counter)}"
+                    traffic.texts.append(text)
+                    unacked[text] = None
+                    await _send(ws, text)
+                    traffic.sent += 1
                 await asyncio.sleep(PUBLISH_EVERY)
         except ConnectionClosed:
             pass
         finally:
-            if stop.is_set():
-                await ws.close()
-            await drain
-        await asyncio.sleep(random.uniform(0, 1))  # noqa: S311 (not a secret)
+            await ws.close()
+            await reader
+        if unacked:
+            await asyncio.sleep(random.uniform(0, 1))  # noqa: S311 (not a secret)
 
 
 @contextmanager
@@ -222,8 +267,17 @@ def assert_nothing_lost(
     closes = Counter[int]()
     for member in traffic.members:
         closes.update(member.closes)
+    # Each text sent was acknowledged, with one id (however often it was sent), the id
+    # the members got it with.
+    delivered = {text: n for member in traffic.members for n, text in member.received}
+    unacked = [text for text in traffic.texts if text not in traffic.acks]
+    acked_twice = {t: n for t, n in traffic.acks.items() if len(set(n)) > 1}
+    ack_mismatch = [t for t, n in traffic.acks.items() if delivered.get(t) not in (None, n[0])]
     figures = {
         "published": len(reference), "sent": traffic.sent, "missed": missed,
+        "unacked": len(unacked), "acked_with_two_ids": len(acked_twice),
+        "ack_not_the_delivered_id": len(ack_mismatch), "refused": len(traffic.refused),
+        "sent_again": sum(len(n) - 1 for n in traffic.acks.values()),
         "duplicated": duplicated, "out_of_order": disordered,
         "failed_handshakes": len(traffic.handshakes.failures), "closes": dict(closes),
         "max_closes_per_member": max(sum(m.closes.values()) for m in traffic.members),
@@ -235,6 +289,10 @@ def assert_nothing_lost(
         print(line)
     assert traffic.handshakes.failures == []
     assert set(closes) <= closes_allowed, closes
+    assert (unacked, acked_twice, ack_mismatch) == ([], {}, []), figures
+    # Every acknowledged message reached the members (missed counts those that did).
+    assert set(traffic.acks) <= set(reference), figures
+    assert traffic.refused == [], traffic.refused[:5]
     assert (missed, duplicated, disordered) == (0, 0, 0), figures
     assert figures["incomplete"] == 0, figures
     assert len(reference) > 0

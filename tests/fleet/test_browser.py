@@ -6,6 +6,7 @@ import re
 import shutil
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -106,11 +107,14 @@ def test_chat_page_over_https_round_trips_a_message_over_wss(
 def test_two_browsers_on_two_hosts_share_a_room(
     fleet: localfleet.Fleet, browser: webdriver.Chrome, second_browser: webdriver.Chrome
 ) -> None:
-    """Browsers on fleet1 and fleet2 in one room see each other's messages; each page names
-    the host and instance serving it and the room's member count across the fleet."""
+    """Browsers on fleet1 and fleet2 in one room see each other's messages, each its own
+    acknowledged (no line left pending); each page names the host and instance serving it
+    and the room's member count across the fleet; a page opened again shows the room's
+    latest messages from its history."""
     pages = list(zip(fleet.app_servers[:2], (browser, second_browser), strict=True))
+    room = f"two-hosts-{time.monotonic_ns()}"  # new each run: its history starts empty
     for host, driver in pages:
-        driver.get(f"https://{host.address}/?room=two-hosts")
+        driver.get(f"https://{host.address}/?room={room}")
         wait = WebDriverWait(driver, 20)
         wait.until(
             expected_conditions.text_to_be_present_in_element((By.ID, "status"), "connected")
@@ -130,6 +134,16 @@ def test_two_browsers_on_two_hosts_share_a_room(
                     (By.ID, "messages"), f"hello from {host.name} ({index})"
                 )
             )
+    for _host, driver in pages:
+        WebDriverWait(driver, 10).until(lambda d: not d.find_elements(By.CSS_SELECTOR, ".pending"))
+    sent = [f"hello from {host.name} ({index})" for index, (host, _) in enumerate(pages)]
+    second_browser.get(f"https://{pages[1][0].address}/?room={room}")
+    WebDriverWait(second_browser, 20).until(
+        lambda d: len(d.find_elements(By.CSS_SELECTOR, "#messages li:not(.note)")) == 2
+    )
+    shown = [e.text for e in second_browser.find_elements(By.CSS_SELECTOR, "#messages li")]
+    assert sorted(shown[:2]) == sorted(sent), shown
+    assert re.fullmatch(r"connected to \S+, the latest 2 messages", shown[2]), shown
     # One leaves: the other page's count follows.
     second_browser.get("about:blank")
     WebDriverWait(browser, 5).until(lambda d: d.find_element(By.ID, "members").text == "1")

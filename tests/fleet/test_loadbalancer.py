@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
 import ssl
 import time
 from collections.abc import Iterator
@@ -20,14 +22,17 @@ from cryptography import x509
 from websockets.asyncio.client import connect
 
 import localfleet
+from localfleet import hosts
 from localfleet.ansible import ansible_playbook
 from localfleet.demo import ca_file
 from localfleet.instances import instance_get, live_ports
 from tests.fleet import pebble
+from tests.fleet.history import Member, assert_nothing_lost, room_traffic
 from tests.fleet.load import assert_each_closed_at_most_once, assert_no_failures, load_on, summary
 from tests.fleet.releases import ONE_THEN_THE_REST
 from tests.fleet.restore import RESTORE
 from tests.fleet.test_acme import round_trip
+from tests.fleet.test_bus import spans_the_fleet
 from tests.fleet.test_release_under_load import versions
 from tests.fleet.tls import served
 
@@ -39,6 +44,8 @@ HOLD = "/run/wsfleet-balancer-hold"
 # The balancer's site.yml run deploys whatever settings the module before left back to the
 # defaults too (tests/fleet/restore.py).
 NEEDS_DEFAULTS = False
+# The whole /healthz of a host's bus server: up, and every stream it holds current.
+BUS_CURRENT = "curl -s -o /dev/null -w '%{http_code}' http://127.0.0.1:8222/healthz"
 
 
 @pytest.fixture(scope="module")
@@ -91,6 +98,68 @@ def test_the_balancer_spreads_wss_over_every_app_server(
     assert replies == ["through the balancer"]
     assert all(count >= 5 for count in spread.values()), spread
     assert sum(spread.values()) >= 30
+
+
+def kill_machine(host: localfleet.FleetHost) -> None:
+    """Kill ``host`` the way a power cut would: SIGKILL to its PID 1 ends every process of
+    the container at once, and its network with it; no close, no FIN reaches anyone."""
+    nspawn = hosts.host_pid(host)
+    assert nspawn is not None, f"{host.name} is not running"
+    init = hosts.init_pid(nspawn)
+    assert init is not None
+    os.kill(init, signal.SIGKILL)
+    deadline = time.monotonic() + 20
+    while hosts.host_pid(host) is not None:
+        assert time.monotonic() < deadline, f"{host.name}'s nspawn outlived its init"
+        time.sleep(0.1)
+
+
+def served_from(member: Member, host: localfleet.FleetHost, after: float = 0.0) -> bool:
+    """Whether ``member``'s latest hello (after ``after``) came from ``host``."""
+    hellos = [instance for at, instance in member.hellos if at >= after]
+    return bool(hellos) and hellos[-1].startswith(f"{host.name}:")
+
+
+@pytest.mark.timeout(300)
+def test_members_of_a_host_lost_under_traffic_are_back_within_30_s_missing_nothing(
+    fleet: localfleet.Fleet, balancer: localfleet.FleetHost
+) -> None:
+    """24 members and 3 publishers of a room, all through the balancer; one app host's
+    machine killed (no close frame, no FIN: its clients send no pings, as browsers
+    don't). Its members are closed by the balancer once nothing came for
+    nginx_proxy_read_timeout, and back on the other hosts within 30 s with their last id:
+    nothing missed, nothing twice, every message acknowledged once. Booted again, the
+    host rejoins the bus and its streams are current again."""
+    victim = fleet.app_servers[-1]
+    room = f"host-lost-{time.monotonic_ns()}"
+    try:
+        with room_traffic([balancer.address] * 3, room) as traffic:
+            deadline = time.monotonic() + 10
+            while not any(served_from(m, victim) for m in traffic.members):
+                assert time.monotonic() < deadline, "no member on the host to lose"
+                time.sleep(0.1)
+            time.sleep(2)
+            lost = [m for m in traffic.members if served_from(m, victim)]
+            lost_at = time.monotonic()
+            kill_machine(victim)
+            deadline = lost_at + 45
+            while not all(m.hellos[-1][0] > lost_at for m in lost):
+                assert time.monotonic() < deadline, "members not back within 45 s"
+                time.sleep(0.2)
+            back = max(next(at for at, _ in m.hellos if at > lost_at) for m in lost) - lost_at
+            assert not any(served_from(m, victim, lost_at) for m in lost)
+            time.sleep(3)  # traffic on the remaining hosts, for the figures
+        print(f"\n{len(lost)} members of the lost host back after {back:.1f} s")
+        assert back < 30
+        assert_nothing_lost(traffic, frozenset({1001, 1012, 1006}))
+    finally:
+        localfleet.up(hosts=len(fleet.app_servers), lb=True)
+    deadline = time.monotonic() + 90
+    while victim.ssh(BUS_CURRENT).stdout.strip() != "200":
+        assert time.monotonic() < deadline, f"{victim.name}'s bus server not current in 90 s"
+        time.sleep(1)
+    # Rooms span the fleet again, the returned host included.
+    spans_the_fleet(fleet, f"host-back-{time.monotonic_ns()}")
 
 
 # Its time counts the module's closing deploy too (the balancer leaves, the release of
