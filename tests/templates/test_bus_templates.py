@@ -63,12 +63,17 @@ def nats_check(config: str, folder: Path) -> subprocess.CompletedProcess[str]:
 
 
 def test_nats_accepts_the_cluster_config(tmp_path: Path) -> None:
-    """The rendered config passes nats-server -t: clients on loopback, routes to both peers."""
+    """The rendered config passes nats-server -t: clients on the host's bus address over TLS
+    with the token, routes to both peers, monitoring on loopback."""
     tls_files(tmp_path)
     config = render("etc/nats-server.conf.j2", bus_vars())
     result = nats_check(config, tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "host: 127.0.0.1\nport: 4222\n" in config
+    clients = config.split("cluster {", 1)[0]
+    assert 'host: "10.0.0.11"\nport: 4222\ntls {\n' in clients
+    assert 'cert_file: "/etc/nats-server/route.crt"' in clients
+    assert 'token: "client-secret"' in clients
+    assert "127.0.0.1:4222" not in config
     assert 'http: "127.0.0.1:8222"' in config
     assert "max_payload: 1114112\n" in config  # app_max_size and room for subject and headers
     routes = re.findall(r'"nats-route://route:([^@]+)@([^"]+)"', config)
@@ -121,4 +126,44 @@ def test_bus_unit_exposure_is_at_most_1_5(unit_root: Path) -> None:
     assert exposure(unit_root, "nats-server.service") <= 1.5
     dropin = (unit_root / "etc/systemd/system/nats-server.service.d/wsfleet.conf").read_text()
     assert "Restart=on-failure" in dropin
-    assert "IPAddressAllow=localhost 10.0.0.12 10.0.0.13\n" in dropin
+    # The instances of this host reach their server on its bus address, the others' too.
+    assert "IPAddressAllow=localhost 10.0.0.11 10.0.0.12 10.0.0.13\n" in dropin
+
+
+def test_lame_duck_mode_is_set_within_what_nats_accepts(tmp_path: Path) -> None:
+    """Lame duck mode is set within what nats-server accepts (a duration of 30 s or more, a
+    grace period below it), and a shorter duration is refused, as 2.9 and 2.10 do."""
+    tls_files(tmp_path)
+    config = render("etc/nats-server.conf.j2", bus_vars())
+    assert 'lame_duck_duration: "30s"\n' in config
+    assert 'lame_duck_grace_period: "5s"\n' in config
+    assert nats_check(config, tmp_path).returncode == 0
+    shorter = config.replace('lame_duck_duration: "30s"', 'lame_duck_duration: "20s"')
+    refused = nats_check(shorter, tmp_path)
+    assert "minimum is 30 seconds" in refused.stdout + refused.stderr
+
+
+def test_the_instances_may_reach_every_bus_server() -> None:
+    """The app unit adds the servers of app_bus_url (IPv4, IPv6, with or without a user) to
+    app_ip_address_allow, once each; a server named by a host name is left to the operator."""
+    urls = ("tls://10.0.0.11:4222,tls://10.0.0.12:4222, tls://[fd00::13]:4222,"
+            "nats://bus.example:4222,nats://u:p@10.0.0.12:4222")  # fmt: skip
+    variables = role_vars(
+        "app", app_version="1", app_bus_url=urls, app_ip_address_allow=["localhost", "10.0.0.12"]
+    )
+    unit = render("etc/systemd/system/app@.service.j2", variables)
+    assert "IPAddressAllow=localhost 10.0.0.12 10.0.0.11 fd00::13\n" in unit
+    alone = render("etc/systemd/system/app@.service.j2", {**variables, "app_bus_url": ""})
+    assert "IPAddressAllow=localhost 10.0.0.12\n" in alone
+
+
+def test_the_instances_are_told_every_server_and_the_ca() -> None:
+    """app.env carries the bus role's list of servers and the CA the instances verify them
+    with (the bus role's facts, through the app role's defaults)."""
+    urls = "tls://10.0.0.11:4222,tls://10.0.0.12:4222,tls://10.0.0.13:4222"
+    variables = role_vars(
+        "app", app_version="1", bus_client_url=urls, bus_client_ca="/etc/nats-server/ca.crt"
+    )
+    env = render("opt/app/app.env.j2", variables)
+    assert f"APP_BUS_URL={urls}\n" in env
+    assert "APP_BUS_CA=/etc/nats-server/ca.crt\n" in env
