@@ -21,6 +21,8 @@ from localfleet.ansible import ansible_playbook
 from localfleet.demo import ca_file
 from localfleet.instances import instance_get, live_ports
 from localfleet.load import client_context
+from tests.fleet.history import assert_nothing_lost, room_traffic
+from tests.fleet.restore import RESTORE
 from tests.fleet.rooms import Member, members_on, wait_for
 
 Fleet = localfleet.Fleet
@@ -69,18 +71,36 @@ def spans_the_fleet(fleet: Fleet, room: str) -> None:
 
 
 def test_the_bus_is_a_cluster_over_tls_on_every_host(fleet: Fleet, deployed: object) -> None:
-    """Each host's server routes to both others over verified TLS; clients on loopback only."""
+    """Each host's server routes to both others over verified TLS and takes clients on its
+    bus address only, over TLS with the token: every instance is connected, over TLS, and
+    told every server, its own host's first."""
+    addresses = [h.address for h in fleet.app_servers]
     for host in fleet.app_servers:
         routes = json.loads(on_host(host, "curl -sf 127.0.0.1:8222/routez"))
         peers = {route["ip"] for route in routes["routes"]}
-        assert peers == {h.address for h in fleet.app_servers} - {host.address}, routes
-        cluster = json.loads(on_host(host, "curl -sf 127.0.0.1:8222/varz"))["cluster"]
-        assert cluster["tls_required"], cluster
-        assert cluster["tls_verify"], cluster
+        assert peers == set(addresses) - {host.address}, routes
+        varz = json.loads(on_host(host, "curl -sf 127.0.0.1:8222/varz"))
+        assert varz["cluster"]["tls_required"], varz["cluster"]
+        assert varz["cluster"]["tls_verify"], varz["cluster"]
+        assert varz["tls_required"], varz
+        assert varz["host"] == host.address, varz
         listening = on_host(host, "ss -Hltn")
-        assert re.search(r"127\.0\.0\.1:4222\b", listening)
-        assert not re.search(r"(0\.0\.0\.0|\*|\[::\]):4222\b", listening), listening
+        assert re.search(rf"{re.escape(host.address)}:4222\b", listening), listening
+        assert not re.search(r"(127\.0\.0\.1|0\.0\.0\.0|\*|\[::\]):4222\b", listening), listening
         assert f"{host.address}:6222" in listening
+        others = [a for a in addresses if a != host.address]
+        servers = ",".join(f"tls://{a}:4222" for a in [host.address, *others])
+        env = on_host(host, "cat /etc/wsapp/wsapp.env")
+        assert f"APP_BUS_URL={servers}\n" in env
+        assert "APP_BUS_CA=/etc/nats-server/ca.crt\n" in env
+        # The CA is readable by the instances' user, the key by nats only.
+        on_host(host, "runuser -u wsapp -- head -c1 /etc/nats-server/ca.crt >/dev/null")
+        assert host.ssh("runuser -u wsapp -- head -c1 /etc/nats-server/route.key").returncode
+        connz = json.loads(on_host(host, "curl -sf '127.0.0.1:8222/connz?limit=100'"))
+        assert connz["connections"], connz
+        assert all(c.get("tls_version") for c in connz["connections"]), connz["connections"]
+        for port in live_ports(host):
+            assert json.loads(instance_get(host, port, "/readyz").stdout)["bus"] == "connected"
 
 
 def test_the_bus_secrets_are_not_readable_or_printed(fleet: Fleet, deployed: object) -> None:
@@ -357,3 +377,55 @@ async def _drain_quietly(ws: ClientConnection) -> None:
     with contextlib.suppress(ConnectionClosed):
         async for _ in ws:
             pass
+
+
+def not_stored(fleet: Fleet) -> int:
+    """Broadcasts refused across the fleet so far: each instance's not_stored drops."""
+    total = 0
+    for host in fleet.app_servers:
+        for port in live_ports(host):
+            metrics = instance_get(host, port, "/metrics").stdout
+            found = re.search(r'^wsapp_bus_dropped_total\{reason="not_stored"\} ([\d.]+)$',
+                              metrics, re.M)  # fmt: skip
+            total += int(float(found[1])) if found else 0
+    return total
+
+
+def test_bus_servers_restarted_in_turn_under_room_traffic_refuse_and_lose_nothing(
+    fleet: Fleet, deployed: object
+) -> None:
+    """A change to every server's configuration, as a new route certificate makes: the bus
+    role restarts the servers one host at a time, each in lame duck mode first, its
+    instances moving to another host's server, under a room's traffic on every host:
+    0 broadcasts refused, 0 messages missed, each server's streams current again before
+    the next is touched."""
+    started = {h.name: on_host(h, "systemctl show -p ExecMainStartTimestampMonotonic --value "
+                                  "nats-server").strip() for h in fleet.app_servers}  # fmt: skip
+    refused = not_stored(fleet)
+    began = time.monotonic()
+    try:
+        with room_traffic([h.address for h in fleet.app_servers], "bus-restarts") as traffic:
+            time.sleep(2)
+            # Any change to the servers' config restarts them as a new certificate would
+            # (tasks/main.yml: config, TLS files or unit changed).
+            run = ansible_playbook("site.yml", "--tags", "configure", "-e", "bus_max_payload=1114113")
+            time.sleep(2)
+    finally:
+        RESTORE.leave("--tags", "configure")
+    took = time.monotonic() - began
+    figures = assert_nothing_lost(traffic)
+    assert not_stored(fleet) - refused == 0, "broadcasts refused while the servers restarted"
+    # Each host's turn, in order: lame duck, restart, then its streams current, before the
+    # next host's lame duck.
+    turns = re.findall(r"TASK \[bus : (Put nats-server in lame duck mode|Restart nats-server|"
+                       r"Wait until the restarted server's streams are current)[^\]]* on (\S+)\]",
+                       run.stdout)  # fmt: skip
+    expected = [(step, h.name) for h in fleet.app_servers for step in (
+        "Put nats-server in lame duck mode", "Restart nats-server",
+        "Wait until the restarted server's streams are current")]  # fmt: skip
+    assert turns == expected, turns
+    for host in fleet.app_servers:
+        now = on_host(host, "systemctl show -p ExecMainStartTimestampMonotonic --value nats-server")
+        assert now.strip() != started[host.name], f"{host.name}'s server did not restart"
+        on_host(host, SERVER_CURRENT)
+    print(f"\nbus servers restarted in turn under room traffic: {took:.0f} s, {figures}")
