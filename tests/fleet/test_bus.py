@@ -405,11 +405,13 @@ def test_bus_servers_restarted_in_turn_under_room_traffic_refuse_and_lose_nothin
     began = time.monotonic()
     try:
         with room_traffic([h.address for h in fleet.app_servers], "bus-restarts") as traffic:
-            time.sleep(2)
+            time.sleep(2)  # traffic before the first turn, for the figures
             # Any change to the servers' config restarts them as a new certificate would
             # (tasks/main.yml: config, TLS files or unit changed).
-            run = ansible_playbook("site.yml", "--tags", "configure", "-e", "bus_max_payload=1114113")
-            time.sleep(2)
+            run = ansible_playbook(
+                "site.yml", "--tags", "configure", "-e", "bus_max_payload=1114113"
+            )
+            time.sleep(2)  # traffic after the last turn too, for the figures
     finally:
         RESTORE.leave("--tags", "configure")
     took = time.monotonic() - began
