@@ -133,11 +133,13 @@ $(BIN)/.bench-installed: requirements/bench.txt $(BIN)/.installed
 
 # Figures to size a fleet with, measured through site.yml on the local fleet (the first
 # host, and every host for the fan-out; three are booted when no fleet is up):
-# bench/fleet_bench.py says what and how. Then, on loopback (no fleet), 1,000 quiet rooms
+# bench/fleet_bench.py says what and how; then a host lost behind the balancer
+# (bench/host_lost_bench.py). Then, on loopback (no fleet), 1,000 quiet rooms
 # left behind by a bus restart (bench/rooms_bench.py), and acknowledged publishing against
 # plain broadcast (bench/acks_bench.py).
 bench: apt-deps venv $(BIN)/.bench-installed
 	$(BIN)/python -m bench.fleet_bench
+	$(BIN)/python -m bench.host_lost_bench
 	$(BIN)/python -m bench.rooms_bench
 	$(BIN)/python -m bench.acks_bench
 

@@ -19,9 +19,9 @@ from app.bus import STORE_DEADLINE
 from app.rooms.delivery import SLOW
 from localfleet.ansible import ansible_playbook
 from localfleet.demo import ca_file
+from localfleet.history import assert_nothing_lost, room_traffic
 from localfleet.instances import instance_get, live_ports
 from localfleet.load import client_context
-from tests.fleet.history import assert_nothing_lost, room_traffic
 from tests.fleet.restore import RESTORE
 from tests.fleet.rooms import Member, members_on, wait_for
 

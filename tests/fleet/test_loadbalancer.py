@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import signal
 import ssl
 import time
 from collections.abc import Iterator
@@ -25,9 +23,9 @@ import localfleet
 from localfleet import hosts
 from localfleet.ansible import ansible_playbook
 from localfleet.demo import ca_file
+from localfleet.history import Member, assert_nothing_lost, room_traffic
 from localfleet.instances import instance_get, live_ports
 from tests.fleet import pebble
-from tests.fleet.history import Member, assert_nothing_lost, room_traffic
 from tests.fleet.load import assert_each_closed_at_most_once, assert_no_failures, load_on, summary
 from tests.fleet.releases import ONE_THEN_THE_REST
 from tests.fleet.restore import RESTORE
@@ -100,20 +98,6 @@ def test_the_balancer_spreads_wss_over_every_app_server(
     assert sum(spread.values()) >= 30
 
 
-def kill_machine(host: localfleet.FleetHost) -> None:
-    """Kill ``host`` the way a power cut would: SIGKILL to its PID 1 ends every process of
-    the container at once, and its network with it; no close, no FIN reaches anyone."""
-    nspawn = hosts.host_pid(host)
-    assert nspawn is not None, f"{host.name} is not running"
-    init = hosts.init_pid(nspawn)
-    assert init is not None
-    os.kill(init, signal.SIGKILL)
-    deadline = time.monotonic() + 20
-    while hosts.host_pid(host) is not None:
-        assert time.monotonic() < deadline, f"{host.name}'s nspawn outlived its init"
-        time.sleep(0.1)
-
-
 def served_from(member: Member, host: localfleet.FleetHost, after: float = 0.0) -> bool:
     """Whether ``member``'s latest hello (after ``after``) came from ``host``."""
     hellos = [instance for at, instance in member.hellos if at >= after]
@@ -141,7 +125,7 @@ def test_members_of_a_host_lost_under_traffic_are_back_within_30_s_missing_nothi
             time.sleep(2)
             lost = [m for m in traffic.members if served_from(m, victim)]
             lost_at = time.monotonic()
-            kill_machine(victim)
+            hosts.kill_machine(victim)
             deadline = lost_at + 45
             while not all(m.hellos[-1][0] > lost_at for m in lost):
                 assert time.monotonic() < deadline, "members not back within 45 s"

@@ -30,9 +30,9 @@ from cryptography.x509.oid import NameOID
 import localfleet
 from localfleet.ansible import ansible_playbook, parse_recap
 from localfleet.demo import ca_file
+from localfleet.history import assert_nothing_lost, room_traffic
 from localfleet.load import Tally, client_context, in_background, open_counted
 from localfleet.settings import GATEWAY
-from tests.fleet.history import assert_nothing_lost, room_traffic
 from tests.fleet.load import assert_no_failures, load_on, summary
 from tests.fleet.restore import RESTORE
 from tests.fleet.tls import served

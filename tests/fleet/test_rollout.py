@@ -17,9 +17,9 @@ from selenium.webdriver.support.wait import WebDriverWait
 
 import localfleet
 from localfleet.ansible import ansible_playbook
+from localfleet.history import assert_nothing_lost, reference_order, room_traffic
 from localfleet.image import RELEASES
 from localfleet.instances import live_ports
-from tests.fleet.history import assert_nothing_lost, reference_order, room_traffic
 from tests.fleet.load import assert_each_closed_at_most_once, assert_no_failures, load_on, summary
 from tests.fleet.releases import ONE_THEN_THE_REST
 from tests.fleet.test_browser import chromium

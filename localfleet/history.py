@@ -2,7 +2,8 @@
 host that come back with the last message id they saw whenever their connection closes,
 and a publisher on each host sending numbered messages, each under a reference of its own,
 and sending again after a reconnect what was not acknowledged. What every member received
-is then compared with the room's one order (the ids), and with what was acknowledged."""
+is then compared with the room's one order (the ids), and with what was acknowledged.
+The fleet tests (tests/fleet/) and the bench (bench/) share it."""
 
 from __future__ import annotations
 
