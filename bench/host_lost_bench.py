@@ -6,7 +6,8 @@ On the local fleet of three app servers with the balancer tier (fleetlb, booted 
 run and taken out again at its end). A chat room's traffic, all of it through the
 balancer (localfleet.history: 24 members that come back with their last id, three
 publishers that send under references and again what was not acknowledged); then the
-last app server's machine is killed (SIGKILL to its PID 1: no close frame, no FIN), its
+last app server's machine is killed (its link cut, then SIGKILL to its PID 1: no close
+frame, no FIN), its
 members' clients sending no pings, as browsers don't. Measured from the kill: when each
 member served by that host was served by another one again (its next ``hello``), the
 first, median and last; and whether every member got every message once, in order, each
@@ -69,9 +70,9 @@ def one_run(balancer: localfleet.FleetHost, victim: localfleet.FleetHost) -> lis
     return back
 
 
-def restore(fleet: localfleet.Fleet, victim: localfleet.FleetHost) -> None:
-    """Boot the lost host again and wait until its bus server is current."""
-    localfleet.up(hosts=len(fleet.app_servers), lb=True)
+def restore(victim: localfleet.FleetHost) -> None:
+    """Boot the lost host again, from its disk, and wait until its bus server is current."""
+    hosts.boot_again(victim)
     deadline = time.monotonic() + 120
     while victim.ssh(BUS_CURRENT).stdout.strip() != "200":
         if time.monotonic() > deadline:
@@ -96,7 +97,7 @@ def main() -> int:
             try:
                 backs += one_run(fleet.load_balancers[0], victim)
             finally:
-                restore(fleet, victim)
+                restore(victim)
     finally:
         if booted:
             localfleet.down()

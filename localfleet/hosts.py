@@ -149,18 +149,31 @@ def host_pid(host: FleetHost) -> int | None:
 
 
 def kill_machine(host: FleetHost) -> None:
-    """Kill ``host`` as a power cut would: SIGKILL to its PID 1 ends every process of the
-    container at once, and its network with it; no close and no FIN reach anyone. ``up``
-    boots it again."""
+    """Kill ``host`` as a power cut would: its link cut first (its port on the bridge down),
+    so that not even the kernel's closing of its sockets reaches anyone, then SIGKILL to
+    its PID 1, which ends every process of the container at once. Its disk stays:
+    :func:`boot_again` brings it back."""
     nspawn = host_pid(host)
     if nspawn is None or (init := init_pid(nspawn)) is None:
         raise RuntimeError(f"{host.name} is not running")
+    run(["ip", "link", "set", f"vb-{host.name}", "down"])
     os.kill(init, signal.SIGKILL)
     deadline = time.monotonic() + 20
     while host_pid(host) is not None:
         if time.monotonic() > deadline:
             raise RuntimeError(f"{host.name}'s systemd-nspawn outlived its init by 20 s")
         time.sleep(0.1)
+
+
+def boot_again(host: FleetHost, timeout: float = 120.0) -> None:
+    """Boot a host that was killed (:func:`kill_machine`) from its own disk, as a server
+    that lost its power comes back: what was deployed on it is still there."""
+    if host_pid(host) is not None:
+        raise RuntimeError(f"{host.name} is running")
+    if not mounted(host.root):
+        raise RuntimeError(f"{host.name} has no disk to boot from (its overlay is gone)")
+    boot(host)
+    wait_running(host, time.monotonic() + timeout)
 
 
 def init_pid(nspawn_pid: int) -> int | None:

@@ -168,42 +168,30 @@ SERVER_CURRENT = (
 )
 
 
-def test_a_stopped_bus_server_cuts_off_only_its_own_host(fleet: Fleet, deployed: object) -> None:
-    """With one host's server stopped, the others still reach each other and that host keeps
-    serving; its server started again and current, its members are reached within 5 s."""
+def test_a_stopped_bus_server_cuts_off_no_one(fleet: Fleet, deployed: object) -> None:
+    """With one host's server stopped, that host's instances move to the other hosts'
+    servers: every member on every host, that host's too, still gets every message once,
+    and its instances say they are on the bus. Its server started again and current, the
+    room goes on."""
     third = fleet.app_servers[2]
     addresses = [h.address for h in fleet.app_servers for _ in range(4)]
 
     async def scenario() -> None:
         async with members_on(addresses, "outage") as members:
-            on_third = [m for m in members if m.host == third.address]
-            others = [m for m in members if m.host != third.address]
             on_host(third, "systemctl stop nats-server")
             try:
                 # A stored publish may wait on a stream leader's election when the stopped
                 # server led it: the app's own bound for that (STORE_DEADLINE), and a margin.
-                await every_message_once(others, f"without-{third.name}", STORE_DEADLINE + 5)
-                reached = [m.instance for m in on_third if m.received]
-                assert not reached, f"{third.name} was reached without its bus: {reached}"
+                await every_message_once(members, f"without-{third.name}", STORE_DEADLINE + 5)
                 for port in live_ports(third):
                     ready = json.loads(instance_get(third, port, "/readyz").stdout)
-                    assert ready["bus"] == "disconnected", ready
+                    assert ready["bus"] == "connected", ready
                     metrics = instance_get(third, port, "/metrics").stdout
-                    assert re.search(r"^wsapp_bus_connected 0\.0$", metrics, re.MULTILINE)
+                    assert re.search(r"^wsapp_bus_connected 1\.0$", metrics, re.MULTILINE)
             finally:
                 on_host(third, "systemctl start nats-server")
-            # From its server back with its streams current (as the bus role waits for after
-            # a restart): how long that takes grows with what the streams hold.
             on_host(third, SERVER_CURRENT)
-            started = time.monotonic()
-            probe = 0
-            while not all(m.received for m in on_third):
-                late = time.monotonic() - started >= 5
-                assert not late, f"{third.name}'s members not reached within 5 s"
-                await others[0].ws.send(f"probe-{probe}")
-                probe += 1
-                await asyncio.sleep(0.25)
-            print(f"\n{third.name}'s members reached {time.monotonic() - started:.1f} s after")
+            await every_message_once(members, f"with-{third.name}")
 
     asyncio.run(scenario())
 
