@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import re
 import threading
 import time
@@ -19,7 +20,7 @@ import localfleet
 from localfleet.ansible import ansible_playbook
 from localfleet.history import assert_nothing_lost, reference_order, room_traffic
 from localfleet.image import RELEASES
-from localfleet.instances import live_ports
+from localfleet.instances import instance_get, live_ports
 from tests.fleet.load import assert_each_closed_at_most_once, assert_no_failures, load_on, summary
 from tests.fleet.releases import ONE_THEN_THE_REST
 from tests.fleet.test_browser import chromium
@@ -100,10 +101,10 @@ def rolled_out(fleet: localfleet.Fleet, deployed: object) -> Iterator[RolledOut]
             WebDriverWait(browser, 20).until(
                 lambda d: ":" in d.find_element(By.ID, "served-by").text
             )
-        instance = f"wsapp@{live_ports(last)[0]}.service"
+        held: list[int] = []  # the clients of the instance killed
         with load_on(addresses) as load, room_traffic(addresses, room) as traffic:
             faults = [threading.Timer(5, kill_unit, (bookworm, "nats-server.service")),
-                      threading.Timer(8, kill_unit, (last, instance))]  # fmt: skip
+                      threading.Timer(8, kill_instance, (last, held))]  # fmt: skip
             for fault in faults:
                 fault.start()
             result = ansible_playbook(
@@ -116,11 +117,15 @@ def rolled_out(fleet: localfleet.Fleet, deployed: object) -> Iterator[RolledOut]
     print(f"\nrollout under load: {summary(load)}")
     rolled = RolledOut(result.stdout, {}, reference_order(traffic), pages, sites)
     try:
-        assert_no_failures(load)
+        assert held, "no instance was killed"
+        assert_no_failures(load, killed=held[0])
         assert load.closes, "no instance restarted"
         assert_each_closed_at_most_once(load)
         try:
             rolled.room = assert_nothing_lost(traffic, frozenset({1001, 1012, 1006}))
+            closes = rolled.room["closes"]
+            assert isinstance(closes, dict)
+            assert load.closes.get(1006, 0) + closes.get(1006, 0) <= held[0], (held, closes)
         except AssertionError:
             for host in fleet.app_servers:  # what the instances said went wrong
                 print(f"{host.name}:", host.ssh(WARNINGS.format(minutes=15)).stdout)
@@ -134,6 +139,14 @@ def rolled_out(fleet: localfleet.Fleet, deployed: object) -> Iterator[RolledOut]
 def kill_unit(host: localfleet.FleetHost, unit: str) -> None:
     """SIGKILL a unit's processes, as a crash would; systemd starts it again."""
     host.ssh(f"systemctl kill --signal=SIGKILL {unit}")
+
+
+def kill_instance(host: localfleet.FleetHost, held: list[int]) -> None:
+    """SIGKILL one of ``host``'s instances, noting in ``held`` how many clients it had:
+    those may be cut without a close frame (1006), no other."""
+    port = live_ports(host)[0]
+    held.append(json.loads(instance_get(host, port, "/healthz").stdout)["connections"])
+    kill_unit(host, f"wsapp@{port}.service")
 
 
 def test_rollout_reaches_every_instance_and_summarises(
