@@ -11,6 +11,7 @@ import asyncio
 import itertools
 import json
 import random
+import secrets
 import ssl
 import threading
 import time
@@ -30,6 +31,11 @@ __all__ = ["RoomTraffic", "assert_nothing_lost", "reference_order", "room_traffi
 MEMBERS_PER_HOST = 8
 PUBLISH_EVERY = 0.05  # 20 messages a second per publisher, one publisher per host
 CATCH_UP = 15.0  # seconds the members have, once the publishers stop, to get the last message
+ACK_WAIT = 15.0
+"""Seconds a publisher waits for the oldest ack before it takes its connection for dead
+and comes back on a new one (as the chat page does): a sender's own frames keep nginx's
+read timer going, so nginx never closes the connection of a sender to a host that
+vanished."""
 RECONNECT_CODES = {1001, 1012}
 
 
@@ -72,8 +78,11 @@ async def _member(
     while not stop.is_set():
         since = member.last_id
         query = "events=1" + (f"&since={since}" if since is not None else "")
+        # No pings of its own, as a browser: a connection to a host that vanished is
+        # found by what stops coming (the instances' pings, nginx's read timeout).
         ws = await open_counted(f"wss://{address}/ws/{room}?{query}", context,
-                                traffic.handshakes, address, open_timeout=10)  # fmt: skip
+                                traffic.handshakes, address, open_timeout=10,
+                                ping_interval=None)  # fmt: skip
         if ws is None:
             await asyncio.sleep(0.5)
             continue
@@ -113,7 +122,7 @@ async def _close_when(ws: ClientConnection, stop: asyncio.Event) -> None:
 
 
 async def _acks(
-    ws: ClientConnection, unacked: dict[str, None], retry: list[str], traffic: RoomTraffic
+    ws: ClientConnection, unacked: dict[str, float], retry: list[str], traffic: RoomTraffic
 ) -> None:
     """Read what comes (a publisher is a member too), taking in the acks and refusals of
     what it sent, so that its close is not held up."""
@@ -144,20 +153,24 @@ async def _publisher(
 ) -> None:  # fmt: skip
     """Send ``<name>-<n>`` every PUBLISH_EVERY seconds; after a reconnect, first send again
     what was not acknowledged (cut off before its ack), and a refused one at the next turn;
-    once stopped, go on until everything is acknowledged (or :data:`CATCH_UP` seconds)."""
+    a connection whose oldest message waited :data:`ACK_WAIT` for its ack is left for a
+    new one; once stopped, go on until everything is acknowledged (or :data:`CATCH_UP`
+    seconds). ``name`` is unique to the traffic: each text is its own reference."""
     counter = itertools.count()
-    unacked: dict[str, None] = {}  # in the order sent
+    unacked: dict[str, float] = {}  # text -> when first sent, in the order sent
     loop = asyncio.get_running_loop()
     until: float | None = None
     while not stop.is_set() or (unacked and loop.time() < (until or 0)):
         if stop.is_set() and until is None:
             until = loop.time() + CATCH_UP
         ws = await open_counted(f"wss://{address}/ws/{room}?events=1", context,
-                                traffic.handshakes, address, open_timeout=10)  # fmt: skip
+                                traffic.handshakes, address, open_timeout=10,
+                                ping_interval=None)  # fmt: skip
         if ws is None:
             await asyncio.sleep(0.5)
             continue
         retry: list[str] = []
+        opened = loop.time()
         reader = asyncio.ensure_future(_acks(ws, unacked, retry, traffic))
         try:
             for text in list(unacked):
@@ -165,12 +178,15 @@ async def _publisher(
             while not reader.done() and (
                 not stop.is_set() or (unacked and loop.time() < (until or loop.time() + 1))
             ):
+                oldest = next(iter(unacked.values()), None)
+                if oldest is not None and loop.time() - max(oldest, opened) > ACK_WAIT:
+                    break  # no answer: a connection to a host that is gone
                 while retry:
                     await _send(ws, retry.pop(0))
                 if not stop.is_set():
                     text = f"{name}-{next(counter)}"
                     traffic.texts.append(text)
-                    unacked[text] = None
+                    unacked[text] = loop.time()
                     await _send(ws, text)
                     traffic.sent += 1
                 await asyncio.sleep(PUBLISH_EVERY)
@@ -194,6 +210,10 @@ def room_traffic(addresses: list[str], room: str) -> Iterator[RoomTraffic]:
     def caught_up() -> bool:
         return len({m.last_id for m in traffic.members}) == 1
 
+    # In every publisher's name: the texts are the references, and the room's stream
+    # recognises a reference again for an hour (a kept fleet's next run).
+    run = secrets.token_hex(3)
+
     async def scenario(stopping: asyncio.Event, ready: threading.Event) -> None:
         context = client_context(ca_file())
         leaving = asyncio.Event()
@@ -204,7 +224,9 @@ def room_traffic(addresses: list[str], room: str) -> Iterator[RoomTraffic]:
         while traffic.handshakes.done < len(members):  # noqa: ASYNC110 - a count, not an event
             await asyncio.sleep(0.1)
         publishers = [
-            asyncio.create_task(_publisher(address, room, f"p{n}", context, traffic, stopping))
+            asyncio.create_task(
+                _publisher(address, room, f"p{n}-{run}", context, traffic, stopping)
+            )
             for n, address in enumerate(addresses)
         ]
         ready.set()

@@ -234,18 +234,18 @@ async def _slow_reader(address: str, room: str, since: int | None = None) -> Cli
 
 async def _frames(ws: ClientConnection, got: list[tuple[int | None, str]],
                   events: list[dict[str, object]]) -> None:  # fmt: skip
-    """Read ``ws`` to its close: each text with the id before it, and the other events."""
-    next_id = None
+    """Read ``ws`` to its close: each text with the id before it, and the other events.
+    A read cancelled between a message event and its text is taken up again by the next
+    (the id waits in ``events``' last entry)."""
     with contextlib.suppress(ConnectionClosed):
         async for frame in ws:
             if isinstance(frame, str):
-                got.append((next_id, frame))
+                waiting = events[-1] if events and events[-1]["type"] == "message" else None
+                if waiting is not None:
+                    events.pop()
+                got.append((int(str(waiting["id"])) if waiting else None, frame))
                 continue
-            event = json.loads(frame)
-            if event["type"] == "message":
-                next_id = event["id"]
-            else:
-                events.append(event)
+            events.append(json.loads(frame))
 
 
 def _peak_rss_since_reset(host: localfleet.FleetHost, port: int) -> tuple[int, int]:
