@@ -416,9 +416,16 @@ class Bus:
                 left = max(0.05, min(_STORE_TIMEOUT, until - loop.time()))
                 try:
                     jetstream = self._client.jetstream(timeout=left)
-                    return (await jetstream.publish(subject, payload, headers=headers)).seq
+                    ack = await jetstream.publish(subject, payload, headers=headers)
                 except (nats.errors.Error, TimeoutError):
                     pass
+                else:
+                    # A try that finds an earlier one of the same id still on its way
+                    # through the stream's raft is told "duplicate" with sequence 0 (the
+                    # leader stages the id before it knows the sequence): asked again, it
+                    # is answered with the sequence once the earlier try is stored.
+                    if ack.seq:
+                        return ack.seq
             elif away_until is None:
                 away_until = loop.time() + BUS_RETURN_WAIT
             elif loop.time() >= away_until:

@@ -308,6 +308,8 @@ def assert_nothing_lost(
         "incomplete": sum(1 for m in traffic.members for e in m.resumed if not e["complete"]),
     }
     print(f"\nroom traffic: {figures}")
+    for text in ack_mismatch[:5]:
+        print(f"acked {text} as {traffic.acks[text]}, delivered as {delivered.get(text)}")
     for line in _who_missed(traffic, reference):
         print(line)
     assert traffic.handshakes.failures == []

@@ -233,19 +233,21 @@ async def _slow_reader(address: str, room: str, since: int | None = None) -> Cli
 
 
 async def _frames(ws: ClientConnection, got: list[tuple[int | None, str]],
-                  events: list[dict[str, object]]) -> None:  # fmt: skip
+                  events: list[dict[str, object]], next_id: list[int | None]) -> None:  # fmt: skip
     """Read ``ws`` to its close: each text with the id before it, and the other events.
-    A read cancelled between a message event and its text is taken up again by the next
-    (the id waits in ``events``' last entry)."""
+    ``next_id`` holds the id of a message event whose text has not come yet: a read
+    cancelled between the two is taken up by the next."""
     with contextlib.suppress(ConnectionClosed):
         async for frame in ws:
             if isinstance(frame, str):
-                waiting = events[-1] if events and events[-1]["type"] == "message" else None
-                if waiting is not None:
-                    events.pop()
-                got.append((int(str(waiting["id"])) if waiting else None, frame))
+                got.append((next_id[0], frame))
+                next_id[0] = None
                 continue
-            events.append(json.loads(frame))
+            event = json.loads(frame)
+            if event["type"] == "message":
+                next_id[0] = event["id"]
+            else:
+                events.append(event)
 
 
 def _peak_rss_since_reset(host: localfleet.FleetHost, port: int) -> tuple[int, int]:
@@ -300,10 +302,11 @@ def test_a_member_that_stops_reading_costs_the_others_nothing_and_misses_nothing
             slow = await _slow_reader(slow_host.address, room)
             got: list[tuple[int | None, str]] = []
             events: list[dict[str, object]] = []
+            pending: list[int | None] = [None]
             hello = json.loads(await slow.recv())
             assert hello["type"] == "hello", hello
             port = int(str(hello["instance"]).rsplit(":", 1)[1])
-            reader = asyncio.create_task(_frames(slow, got, events))
+            reader = asyncio.create_task(_frames(slow, got, events, pending))
             stop = asyncio.Event()
             publishers = [asyncio.create_task(publisher(h.address, h.name, stop))
                           for h in fleet.app_servers]  # fmt: skip
@@ -319,7 +322,7 @@ def test_a_member_that_stops_reading_costs_the_others_nothing_and_misses_nothing
             stop.set()
             await asyncio.gather(*publishers)
             # It reads again: what its connection holds, then its close if it had one.
-            reader = asyncio.create_task(_frames(slow, got, events))
+            reader = asyncio.create_task(_frames(slow, got, events, pending))
             await wait_for(lambda: len(got) >= len(published) or reader.done(), 60,
                            "the slow member read again")  # fmt: skip
             if reader.done():
@@ -332,7 +335,7 @@ def test_a_member_that_stops_reading_costs_the_others_nothing_and_misses_nothing
                 last = max(number for number, _ in got if number is not None)
                 back = await _slow_reader(slow_host.address, room, since=last)
                 back_events: list[dict[str, object]] = []
-                rest = asyncio.create_task(_frames(back, got, back_events))
+                rest = asyncio.create_task(_frames(back, got, back_events, [None]))
                 await wait_for(lambda: len(got) >= len(published), 60, "the rest after 4008")
                 resumed = [e for e in back_events if e["type"] == "resumed"]
                 assert resumed, back_events
