@@ -130,9 +130,11 @@ async def _chat_in(ws: ServerConnection, room: rooms.Room, events_wanted: bool) 
 
     An events client may precede a message with ``{"type": "message", "ref": R}`` (a
     binary frame of JSON; R its own reference, unique in the room): once the message is
-    stored it gets ``{"type": "ack", "ref": R, "id": N}`` (after the message itself). The
-    same reference sent again in the room, from any connection, within the history's
-    window, is stored once: its ack names the first id.
+    stored it gets ``{"type": "ack", "ref": R, "id": N}`` (after the message itself, whose
+    message event names R to every member). The same reference sent again in the room,
+    from any connection, within the stream's duplicate window (2 min), is stored once: its
+    ack names the first id. A client back from a cut finds what it sent in its resume,
+    by reference, for as long as it can resume.
 
     A message the history did not store is refused, to an events client with
     ``{"type": "refused", "reason": ...}`` (and its ``ref``), to another with a close

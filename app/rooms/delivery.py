@@ -27,7 +27,7 @@ from __future__ import annotations
 import enum
 from collections import deque
 from collections.abc import Hashable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Generic, TypeVar
 
 __all__ = [
@@ -70,12 +70,15 @@ class Message:
         text: whether it goes out as text (else binary).
         prev: the id of the room's message stored before it (0: none); None when not
             known (a message read back from the history).
+        ref: the reference its sender gave it, if any (told to every member with its id,
+            so that the sender, back from a cut, finds it stored).
     """
 
     id: int
     data: bytes
     text: bool = True
     prev: int | None = None
+    ref: str | None = None
 
 
 @dataclass(frozen=True)
@@ -308,7 +311,7 @@ class RoomDelivery(Generic[M]):
         chained: list[Message] = []
         prev = read.after if start_kept else None
         for message in messages:
-            chained.append(Message(message.id, message.data, message.text, prev))
+            chained.append(replace(message, prev=prev))
             prev = message.id
         if read.member is None:
             return self._room_read(read, chained, start_kept, exhausted)
@@ -383,7 +386,7 @@ class RoomDelivery(Generic[M]):
             # members live here lack it. The room goes on from what is stored.
             actions += self._send_back_below(messages[0].id)
             first = messages[0]
-            messages[0] = Message(first.id, first.data, first.text, log.last)
+            messages[0] = replace(first, prev=log.last)
         for message in messages:
             if message.id <= log.last:
                 continue

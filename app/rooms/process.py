@@ -97,6 +97,7 @@ MAX_RECENT = 100
 """Most of a room's latest messages a joining member may ask for (``last``)."""
 
 TYPE_HEADER = "Wsapp-Type"
+REF_HEADER = "Wsapp-Ref"
 MEMBERS_HEADER = "Wsapp-Members"
 INSTANCE_HEADER = "Wsapp-Instance"
 
@@ -168,11 +169,14 @@ class History:
 
     @property
     def duplicate_window(self) -> float:
-        """Seconds within which a message stored again under the same reference (a retried
-        store, a client's re-send) is recognised: ``max_age``, so a client away for as long
-        as it could still resume is recognised when it sends again (JetStream allows no
-        longer)."""
-        return self.max_age
+        """Seconds within which the stream recognises a message stored again under the
+        same key: a retried store, a client's re-send under its reference (at most
+        ``max_age``, which JetStream requires). Kept short: a replica that caught up
+        while a server restarted may not know the keys of what it caught up, and one
+        that stores a duplicate the others refuse is a stream whose ids mean different
+        messages on different servers. A client away longer finds its own message in its
+        resume instead (its reference comes with its id)."""
+        return min(120.0, self.max_age)
 
     @property
     def store_deadline(self) -> float:
@@ -197,8 +201,11 @@ def _store_id(room: Room, ref: str | None) -> str:
     return "ref-" + key.hexdigest()
 
 
-def _message_event(seq: int) -> bytes:
-    return json.dumps({"type": "message", "id": seq}).encode()
+def _message_event(message: Message) -> bytes:
+    event: dict[str, object] = {"type": "message", "id": message.id}
+    if message.ref is not None:
+        event["ref"] = message.ref
+    return json.dumps(event).encode()
 
 
 def subject_token(name: str) -> str:
@@ -279,10 +286,11 @@ class Room:
 
         Args:
             message: the message, as a handler receives it from ``ws``.
-            ref: the sender's own reference for the message (:func:`valid_ref`). A
-                message broadcast again with the same reference, in the same room, from
-                any process, within the history's ``duplicate_window``, is stored once:
-                the second call returns the first one's id and sends nothing.
+            ref: the sender's own reference for the message (:func:`valid_ref`),
+                stored with it and told to every member with its id. A message broadcast
+                again with the same reference, in the same room, from any process,
+                within the stream's ``duplicate_window`` (2 min), is stored once: the
+                second call returns the first one's id and sends nothing.
 
         Raises:
             NotStored: the history is on and did not store the message; no one got it.
@@ -576,7 +584,7 @@ class Rooms:
         open_ = self._within_bound(room, targets)
         with_ids = [ws for ws in open_ if room._ids.get(ws)]
         if with_ids:
-            broadcast(with_ids, _message_event(message.id), text=False)
+            broadcast(with_ids, _message_event(message), text=False)
         broadcast(open_, message.data, text=message.text)
         self._count_deliveries("bus", len(open_))
 
@@ -647,7 +655,10 @@ class Rooms:
                 logger.warning("history_unreadable", extra={"fields": fields})
                 self._apply(room, room._delivery.read_failed(read))
                 return
-        messages = [Message(seq, data, _is_text(headers, data)) for seq, headers, data in found]
+        messages = [
+            Message(seq, data, _is_text(headers, data), ref=headers.get(REF_HEADER))
+            for seq, headers, data in found
+        ]
         if member is None and messages:
             self._bus_metrics.replayed.labels("gap").inc(len(messages))
         # Nothing expired after ``read.after`` (the oldest go first): the first read is the
@@ -708,6 +719,8 @@ class Rooms:
         text = isinstance(message, str)
         data = message.encode() if isinstance(message, str) else bytes(message)
         headers = {} if text else {TYPE_HEADER: "binary"}
+        if ref is not None:
+            headers[REF_HEADER] = ref
         if self._bus is None:
             self._deliver_plain(room, data, text, "local")
             return None
@@ -767,7 +780,8 @@ class Rooms:
             # Not stored (a process without history on the same subjects): a member that
             # takes ids never gets a message without one, nor one others may not get.
             return
-        self._apply(room, room._delivery.live(Message(seq, data, text, prev)))
+        message = Message(seq, data, text, prev, headers.get(REF_HEADER))
+        self._apply(room, room._delivery.live(message))
 
     async def _anchor(self, room: Room) -> None:
         """Give a room new to this process its starting point in the history: subscribed

@@ -35,7 +35,8 @@ def test_a_message_sent_again_under_its_reference_is_stored_once_and_acked_with_
 ) -> None:
     """A sender gets an ack naming its reference and the message's id, after the message
     itself; the same reference sent again from another process (its client back through
-    another host) is acked with the first id and reaches no member a second time; the same
+    another host) is acked with the first id and reaches no member a second time; every
+    member is told each message's reference with its id, live and replayed; the same
     reference in another room is another message."""
     servers = nats_cluster(3, token=TOKEN, jetstream=True)
     first, second = start_on(start_app, servers), start_on(start_app, servers[1:])
@@ -59,6 +60,13 @@ def test_a_message_sent_again_under_its_reference_is_stored_once_and_acked_with_
         await watcher.wait(lambda: "after" in watcher.texts(), "the message after")
         assert watcher.received == [(stored, "hello"), (again.acks["ref-2"], "after")]
         assert again.texts() == ["after"]
+
+        # Every member is told the reference with the id, in a replay too: a sender back
+        # from a cut finds there what of its own was stored.
+        replayed = await Client.join(first, "acks", since=0)
+        for client in (watcher, replayed):
+            assert client.refs == {stored: "ref-1", again.acks["ref-2"]: "ref-2"}
+        await replayed.close()
 
         elsewhere = await Client.join(first, "acks-other")
         await elsewhere.send("hello", "ref-1")

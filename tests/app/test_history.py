@@ -41,6 +41,7 @@ class Client:
         self.hello: dict[str, Any] | None = None
         self.acks: dict[str, int | None] = {}  # ref -> id
         self.refused: dict[str, str] = {}  # ref -> reason
+        self.refs: dict[int, str] = {}  # id -> the reference its message event named
         self._next_id: int | None = None
         self._reader = asyncio.create_task(self._read())
 
@@ -73,6 +74,8 @@ class Client:
                 event = json.loads(frame)
                 if event["type"] == "message":
                     self._next_id = event["id"]
+                    if "ref" in event:
+                        self.refs[event["id"]] = event["ref"]
                 elif event["type"] == "resumed":
                     self.resumed = event
                 elif event["type"] == "hello":
