@@ -31,7 +31,7 @@ def describe(found: dict[str, Any]) -> str:
 
 
 class FilterModule:
-    """Ansible's entry point for the role's filters."""
+    """Ansible's entry point for the collection's deploy lock filters."""
 
     def filters(self) -> dict[str, Callable[..., str]]:
         return {"deploy_lock_describe": describe}
