@@ -31,20 +31,12 @@ help:
 	@echo "make bench      capacity figures on the local fleet; report in bench/out/"
 	@echo "make status     one table of the fleet (FORMAT=json for scripts; INVENTORY=...)"
 
-# Each download bounded (seconds per operation, tries again): a stalled mirror or index
-# fails in minutes, naming what it was fetching, instead of holding the run.
-APT_BOUNDS := -o Acquire::http::Timeout=30 -o Acquire::Retries=2
+# Each pip download bounded (seconds per operation, tries again): a stalled index fails in
+# minutes, naming what it was fetching, instead of holding the run.
 PIP_INSTALL := pip install -q --disable-pip-version-check --timeout 30 --retries 2
 
 apt-deps:
-	@missing=""; for p in $(APT_PACKAGES); do \
-		dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "ok installed" || missing="$$missing $$p"; \
-	done; \
-	if [ -n "$$missing" ]; then \
-		echo "apt: installing$$missing"; \
-		apt-get $(APT_BOUNDS) update -qq && \
-		DEBIAN_FRONTEND=noninteractive apt-get $(APT_BOUNDS) install -y -qq $$missing >/dev/null; \
-	fi
+	@scripts/apt-deps.sh $(APT_PACKAGES)
 
 $(BIN)/.installed: requirements/dev.txt requirements/app.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -59,28 +51,12 @@ $(BIN)/.installed: requirements/dev.txt requirements/app.txt
 venv: $(BIN)/.installed .venv-sslyze/.installed
 
 lint: venv
-	$(BIN)/ruff check .
-	$(BIN)/mypy --strict app localfleet
-	$(BIN)/yamllint --strict .
-	$(BIN)/ansible-lint
-	PATH=$(abspath $(BIN)):$$PATH $(BIN)/antsibull-changelog lint
-	$(MAKE) --no-print-directory sanity
+	scripts/lint.sh
 
-# The collection as it installs (galaxy.yml), checked by ansible-test sanity where it must
-# sit: ansible_collections/wsfleet/fleet, in a scratch folder outside the checkout (inside
-# it, ansible-test takes git's view of the files and finds none). The tests skipped need
-# virtualenvs that ansible-test bootstraps with a pip script from
-# ci-files.testing.ansible.com, a host this kit's build machines need not reach; their
-# checks (Python style, YAML, the changelog) are ruff's, yamllint's, ansible-lint's and
-# antsibull-changelog's above.
-SANITY_SKIP := pep8 pylint validate-modules yamllint runtime-metadata changelog pslint shellcheck
+# The collection as it installs, checked by ansible-test sanity (the script says which
+# tests it skips, and why).
 sanity: venv
-	@set -e; scratch=$$(mktemp -d); trap 'rm -rf "$$scratch"' EXIT; \
-	$(BIN)/ansible-galaxy collection build --output-path "$$scratch" . >/dev/null; \
-	$(BIN)/ansible-galaxy collection install --no-deps -p "$$scratch" "$$scratch"/wsfleet-fleet-*.tar.gz >/dev/null 2>&1; \
-	cd "$$scratch/ansible_collections/wsfleet/fleet"; \
-	$(abspath $(BIN))/ansible-test sanity --python $$($(abspath $(BIN))/python -c 'import sys; print("%d.%d" % sys.version_info[:2])') \
-		$(addprefix --skip-test ,$(SANITY_SKIP))
+	@scripts/sanity.sh
 
 # The fleet tests' playbooks run with Mitogen's strategy (docs/testing.md, Mitogen), the first
 # deploy of a session excepted.
@@ -98,34 +74,11 @@ check: apt-deps lint test-unit
 test-fleet: apt-deps venv
 	WSFLEET_KEEP=1 $(BIN)/pytest -m fleet $(if $(K),-k "$(K)")
 
-# One pytest run, so its closing line counts every test; the fleet fixtures bring the
-# hosts up for the session and take them down at its end (also when a test fails).
-# TEST_WORKERS=2 (pytest-xdist): two processes, each with a fleet of its own
-# (tests/conftest.py), taking whole modules in the order tests/fleet/conftest.py gives
-# (loadfile, not reordered). One by default: on 2 cores each playbook ran about 1.7 times
-# slower beside the other fleet's, so two fleets gained a minute or two, and their
-# contention broke timing bounds some tests assert (docs/testing.md, Two workers).
-# What can run side by side does, since from a clean clone the set-up is on the critical
-# path: the virtualenvs are made while apt installs (a fresh machine); the hosts' images
-# (35-50 s) build in the background as soon as apt is done; lint runs beside pytest's
-# first minutes, the tests that need no fleet while the fleet comes up (niced: the first
-# deploy waits on nothing of it). Lint's output goes to .fleet/lint.log and is printed
-# after the tests; a lint that fails fails make test.
-# The session's own image build (tests/fleet/conftest.py) waits for the background one
-# and finds the images built, or builds them again and says why it failed.
+# Lint, unit, template and fleet tests from a clean clone (the script says what runs side
+# by side). TEST_WORKERS=2: two fleets, a worker each (docs/testing.md, Two workers).
 TEST_WORKERS ?= 0
 test:
-	@mkdir -p .fleet; \
-	$(MAKE) --no-print-directory -j2 venv & venv=$$!; \
-	if ! $(MAKE) --no-print-directory apt-deps; then wait $$venv; exit 1; fi; \
-	setsid $(PYTHON) -m localfleet images > .fleet/images.log 2>&1 & images=$$!; \
-	if ! wait $$venv; then kill -- -$$images; wait $$images; exit 1; fi; \
-	nice -n 10 $(MAKE) --no-print-directory lint > .fleet/lint.log 2>&1 & lint=$$!; \
-	$(BIN)/pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder; tests=$$?; \
-	wait $$images || echo "images: the early build failed (.fleet/images.log); the tests built them again"; \
-	echo "=== lint (.fleet/lint.log)"; cat .fleet/lint.log; \
-	if ! wait $$lint; then echo "make test: lint failed (above)"; exit 1; fi; \
-	exit $$tests
+	@PYTHON=$(PYTHON) TEST_WORKERS=$(TEST_WORKERS) scripts/test.sh
 
 $(BIN)/.bench-installed: requirements/bench.txt $(BIN)/.installed
 	$(BIN)/$(PIP_INSTALL) -r requirements/bench.txt
