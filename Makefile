@@ -144,7 +144,8 @@ bench: apt-deps venv $(BIN)/.bench-installed
 	$(BIN)/python -m bench.fleet_bench
 	$(BIN)/python -m bench.rooms_bench
 ifneq ($(PEER),none)
-	$(MAKE) --no-print-directory apt-deps APT_PACKAGES="$(PEER_APT_PACKAGES)"
+	@# By command, not package: a node from elsewhere (with its own npm) is kept.
+	command -v npm >/dev/null || $(MAKE) --no-print-directory apt-deps APT_PACKAGES="$(PEER_APT_PACKAGES)"
 	$(BIN)/python -m bench.peer_bench --peer $(PEER)
 endif
 
