@@ -28,7 +28,7 @@ help:
 	@echo "make check      lint, unit and template tests: no fleet, a few minutes"
 	@echo "make test-fleet K=expr  the fleet tests matching expr, on a fleet kept up between runs"
 	@echo "make lint       ruff, mypy --strict, yamllint, ansible-lint, the changelog, ansible-test sanity"
-	@echo "make bench      capacity figures on the local fleet; report in bench/out/"
+	@echo "make bench      capacity figures on the local fleet, and against Socket.IO (PEER=none: not); report in bench/out/"
 	@echo "make status     one table of the fleet (FORMAT=json for scripts; INVENTORY=...)"
 
 # Each pip download bounded (seconds per operation, tries again): a stalled index fails in
@@ -90,11 +90,21 @@ $(BIN)/.bench-installed: requirements/bench.txt $(BIN)/.installed
 # (bench/host_lost_bench.py). Then, on loopback (no fleet), 1,000 quiet rooms
 # left behind by a bus restart (bench/rooms_bench.py), and acknowledged publishing against
 # plain broadcast (bench/acks_bench.py).
+# Then the same workloads on the kit and on the peer users would pick instead, side by
+# side on the same hosts (bench/peer_bench.py; PEER=none leaves it out): it needs node
+# and npm on this machine (the hosts get theirs from it: they have no route out).
+PEER ?= socketio
+PEER_APT_PACKAGES := nodejs npm
 bench: apt-deps venv $(BIN)/.bench-installed
 	$(BIN)/python -m bench.fleet_bench
 	$(BIN)/python -m bench.host_lost_bench
 	$(BIN)/python -m bench.rooms_bench
 	$(BIN)/python -m bench.acks_bench
+ifneq ($(PEER),none)
+	@# By command, not package: a node from elsewhere (with its own npm) is kept.
+	command -v npm >/dev/null || $(MAKE) --no-print-directory apt-deps APT_PACKAGES="$(PEER_APT_PACKAGES)"
+	$(BIN)/python -m bench.peer_bench --peer $(PEER)
+endif
 
 fleet-up: apt-deps venv
 	$(BIN)/python -m localfleet up --hosts $(HOSTS)
