@@ -68,6 +68,13 @@ class RoomTraffic:
     texts: list[str] = field(default_factory=list)
     acks: dict[str, list[int]] = field(default_factory=dict)
     refused: list[str] = field(default_factory=list)
+    # What each publisher's connections did, "<seconds from the start> <name>: <what>",
+    # printed with the figures: where a publisher's messages went unacknowledged.
+    publishing: list[str] = field(default_factory=list)
+    started: float = field(default_factory=time.monotonic)
+
+    def note(self, name: str, what: str) -> None:
+        self.publishing.append(f"{time.monotonic() - self.started:6.1f} {name}: {what}")
 
 
 async def _member(
@@ -122,8 +129,9 @@ async def _close_when(ws: ClientConnection, stop: asyncio.Event) -> None:
 
 
 async def _acks(
-    ws: ClientConnection, unacked: dict[str, float], retry: list[str], traffic: RoomTraffic
-) -> None:
+    ws: ClientConnection, unacked: dict[str, float], retry: list[str], traffic: RoomTraffic,
+    name: str,
+) -> None:  # fmt: skip
     """Read what comes (a publisher is a member too), taking in the acks and refusals of
     what it sent, so that its close is not held up."""
     try:
@@ -137,8 +145,10 @@ async def _acks(
             elif event["type"] == "refused":
                 traffic.refused.append(f"{event.get('ref')}: {event['reason']}")
                 retry.append(event["ref"])
+            elif event["type"] == "hello":
+                traffic.note(name, f"served by {event['instance']}")
     except ConnectionClosed:
-        pass
+        traffic.note(name, f"closed {ws.close_code}, {len(unacked)} unacknowledged")
 
 
 async def _send(ws: ClientConnection, text: str) -> None:
@@ -160,9 +170,18 @@ async def _publisher(
     unacked: dict[str, float] = {}  # text -> when first sent, in the order sent
     loop = asyncio.get_running_loop()
     until: float | None = None
-    while not stop.is_set() or (unacked and loop.time() < (until or 0)):
-        if stop.is_set() and until is None:
+
+    def going_on() -> bool:
+        """Until stopped; then while something is unacknowledged, CATCH_UP seconds from
+        the stop at most (the stop may come while a connection closes, between turns)."""
+        nonlocal until
+        if not stop.is_set():
+            return True
+        if until is None:
             until = loop.time() + CATCH_UP
+        return bool(unacked) and loop.time() < until
+
+    while going_on():
         ws = await open_counted(f"wss://{address}/ws/{room}?events=1", context,
                                 traffic.handshakes, address, open_timeout=10,
                                 ping_interval=None)  # fmt: skip
@@ -171,15 +190,15 @@ async def _publisher(
             continue
         retry: list[str] = []
         opened = loop.time()
-        reader = asyncio.ensure_future(_acks(ws, unacked, retry, traffic))
+        reader = asyncio.ensure_future(_acks(ws, unacked, retry, traffic, name))
+        traffic.note(name, f"connected, sending {len(unacked)} again")
         try:
             for text in list(unacked):
                 await _send(ws, text)
-            while not reader.done() and (
-                not stop.is_set() or (unacked and loop.time() < (until or loop.time() + 1))
-            ):
+            while not reader.done() and going_on():
                 oldest = next(iter(unacked.values()), None)
                 if oldest is not None and loop.time() - max(oldest, opened) > ACK_WAIT:
+                    traffic.note(name, f"no ack for {ACK_WAIT:.0f} s, leaving")
                     break  # no answer: a connection to a host that is gone
                 while retry:
                     await _send(ws, retry.pop(0))
@@ -197,6 +216,7 @@ async def _publisher(
             await reader
         if unacked:
             await asyncio.sleep(random.uniform(0, 1))  # noqa: S311 (not a secret)
+    traffic.note(name, f"done, {len(unacked)} unacknowledged")
 
 
 @contextmanager
@@ -308,6 +328,8 @@ def assert_nothing_lost(
         "incomplete": sum(1 for m in traffic.members for e in m.resumed if not e["complete"]),
     }
     print(f"\nroom traffic: {figures}")
+    if unacked:
+        print("\n".join(traffic.publishing))
     for text in ack_mismatch[:5]:
         print(f"acked {text} as {traffic.acks[text]}, delivered as {delivered.get(text)}")
     for line in _who_missed(traffic, reference):

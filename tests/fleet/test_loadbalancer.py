@@ -134,6 +134,7 @@ def test_members_of_a_host_lost_under_traffic_are_back_within_30_s_missing_nothi
             assert not any(served_from(m, victim, lost_at) for m in lost)
             time.sleep(3)  # traffic on the remaining hosts, for the figures
         print(f"\n{len(lost)} members of the lost host back after {back:.1f} s")
+        print("\n".join(traffic.publishing))
         assert back < 30
         assert_nothing_lost(traffic, frozenset({1001, 1012, 1006}))
     finally:
