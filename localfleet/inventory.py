@@ -14,7 +14,7 @@ from pathlib import Path
 
 from localfleet.errors import FleetError, run
 from localfleet.hosts import FleetHost
-from localfleet.image import MIX, RELEASES
+from localfleet.image import MIX, RELEASES, image_dir
 from localfleet.settings import (
     DEMO_GROUP_VARS,
     FIRST_APP_HOST,
@@ -97,6 +97,20 @@ def controller_state() -> dict[str, Path]:
     }
 
 
+def bus_server_package(hosts: Sequence[FleetHost]) -> Path | None:
+    """The one nats-server .deb for a bus cluster over two Debian releases (the bus role's
+    bus_server_package): the newest release's, from its image's archives (fetched there
+    by apt, checked against Debian's keys); None when the app servers run one release."""
+    releases = {h.release for h in hosts if "app_servers" in h.groups}
+    if len(releases) < 2:
+        return None
+    newest = max(releases, key=RELEASES.index)
+    found = sorted((image_dir(newest) / "var/cache/apt/archives").glob("nats-server_*.deb"))
+    if not found:
+        raise FleetError(f"the {newest} image has no nats-server package: build it again")
+    return found[-1]
+
+
 def write_inventory(hosts: Sequence[FleetHost]) -> None:
     groups: dict[str, list[FleetHost]] = {}
     for host in hosts:
@@ -116,8 +130,14 @@ def write_inventory(hosts: Sequence[FleetHost]) -> None:
         f"    ansible_ssh_common_args: -o UserKnownHostsFile={known} -o StrictHostKeyChecking=yes",
         "    # This fleet's state on the controller (localfleet.inventory.controller_state).",
         *(f"    {name}: {path}" for name, path in controller_state().items()),
-        "  children:",
     ]
+    package = bus_server_package(hosts)
+    if package is not None:
+        lines += [
+            "    # Debian 12 and 13 hosts: one nats-server version in the bus cluster.",
+            f"    bus_server_package: {package}",
+        ]
+    lines.append("  children:")
     for group in sorted(groups):
         lines += [f"    {group}:", "      hosts:"]
         # localfleet_release: the Debian codename the host was built from, for tests

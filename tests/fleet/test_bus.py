@@ -73,8 +73,12 @@ def spans_the_fleet(fleet: Fleet, room: str) -> None:
 def test_the_bus_is_a_cluster_over_tls_on_every_host(fleet: Fleet, deployed: object) -> None:
     """Each host's server routes to both others over verified TLS and takes clients on its
     bus address only, over TLS with the token: every instance is connected, over TLS, and
-    told every server, its own host's first."""
+    told every server, its own host's first. The hosts run Debian 12 and 13, and one
+    nats-server version (bus_server_package): two side by side let replicas diverge."""
     addresses = [h.address for h in fleet.app_servers]
+    versions = {h.name: json.loads(on_host(h, "curl -sf 127.0.0.1:8222/varz"))["version"]
+                for h in fleet.app_servers}  # fmt: skip
+    assert len(set(versions.values())) == 1, versions
     for host in fleet.app_servers:
         routes = json.loads(on_host(host, "curl -sf 127.0.0.1:8222/routez"))
         peers = {route["ip"] for route in routes["routes"]}

@@ -13,7 +13,7 @@ import pytest
 import localfleet
 from localfleet import hosts, settings
 from localfleet.image import MIX, RELEASES
-from localfleet.inventory import plan
+from localfleet.inventory import bus_server_package, plan
 from localfleet.settings import REPO
 
 # The hosts themselves, whatever site.yml settings they were left with (tests/fleet/restore.py).
@@ -63,6 +63,11 @@ def test_mix_alternates_releases_and_a_release_is_one_for_all(fleet: localfleet.
     an unknown release is refused by name before anything boots."""
     assert [h.release for h in plan(3, True, MIX)] == ["trixie", "trixie", "bookworm", "trixie"]
     assert {h.release for h in plan(3, False, ("bookworm",))} == {"bookworm"}
+    # Both releases among the app servers: one nats-server for the bus, the newest's.
+    package = bus_server_package(plan(3, True, MIX))
+    assert package is not None
+    assert "/trixie/" in str(package), package
+    assert bus_server_package(plan(3, True, ("bookworm",))) is None
     with pytest.raises(localfleet.FleetError, match="sid"):
         plan(3, False, ("sid",))
     before = hosts.nspawn_pids()
