@@ -8,7 +8,7 @@ import re
 import ssl
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,15 +27,28 @@ LOCK = "/var/lib/wsfleet/deploy.lock"
 HELD = "is locked by another run"
 
 
-def start_playbook(*args: str) -> subprocess.Popen[str]:
-    """ansible-playbook in the background, in a session of its own (kill_run ends it and
-    every process below it), with the environment of the session's other runs."""
-    env = playbook_env()
-    return subprocess.Popen(
-        [str(REPO / ".venv" / "bin" / "ansible-playbook"), "-i", str(INVENTORY.parent), *args],
-        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        start_new_session=True,
-    )  # fmt: skip
+@pytest.fixture
+def start_playbook() -> Iterator[Callable[..., subprocess.Popen[str]]]:
+    """Start ansible-playbook in the background, in a session of its own, with the
+    environment of the session's other runs. A run still going when the test ends (it
+    failed before its run's end) is killed with every process below it (kill_run): none
+    outlives the test, holding the lock or the hosts."""
+    started: list[subprocess.Popen[str]] = []
+
+    def start(*args: str) -> subprocess.Popen[str]:
+        run = subprocess.Popen(
+            [str(REPO / ".venv" / "bin" / "ansible-playbook"), "-i", str(INVENTORY.parent), *args],
+            cwd=REPO, env=playbook_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            text=True, start_new_session=True,
+        )  # fmt: skip
+        started.append(run)
+        return run
+
+    yield start
+    for run in started:
+        if run.poll() is None:
+            kill_run(run.pid)
+            run.communicate(timeout=60)
 
 
 def locked(fleet: Fleet) -> dict[str, bool]:
@@ -68,7 +81,7 @@ def on_the_deploy(fleet: Fleet, deployed: object) -> Iterator[Deploy]:
 
 
 def test_two_runs_at_once_one_completes_the_other_stops_before_any_change(
-    fleet: Fleet, on_the_deploy: Deploy
+    fleet: Fleet, on_the_deploy: Deploy, start_playbook: Callable[..., subprocess.Popen[str]]
 ) -> None:
     """Two site.yml runs of different releases started together: one installs its release
     everywhere, the other fails at the lock naming the first and changes nothing."""
@@ -174,7 +187,7 @@ def test_status_shows_the_fleet_as_it_is(
 
 
 def test_a_killed_run_leaves_a_lock_that_says_its_age_and_is_broken(
-    fleet: Fleet, on_the_deploy: Deploy
+    fleet: Fleet, on_the_deploy: Deploy, start_playbook: Callable[..., subprocess.Popen[str]]
 ) -> None:
     """A run killed after taking the lock leaves it; the next run stops naming it with its
     age; unlock.yml breaks it on a host, -e deploy_lock_break=true on the rest. Last in the
