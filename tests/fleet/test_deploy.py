@@ -291,12 +291,17 @@ def test_socket_activation_switches_on_and_off(fleet: Fleet, deployed: object) -
         (["app_ping_interval=15"], "app_ping_interval"),
         (['{"nginx_app_paths": ["ws"]}'], "nginx_app_paths"),
         (["nginx_limit_conn_per_ip=100000"], "nginx_limit_conn_per_ip"),
+        # A listener on a spare port would pass, then break the next handover.
+        (["nginx_metrics_listen=127.0.0.1:8101"], "nginx_metrics_listen"),
         # The bus: a port the app or nginx holds, or its own twice; an address not the host's.
         (["bus_client_port=8001"], "bus_client_port"),
         (["bus_route_port=443"], "bus_route_port"),
         (["bus_monitor_port=4222"], "bus_monitor_port"),
         (["bus_route_address=192.0.2.1"], "bus_route_address"),
         (["bus_max_payload=1000"], "bus_max_payload"),
+        # The fleet's hosts run Debian 12 and 13: one nats-server for all, or none.
+        (["bus_server_package="], "bus_server_package"),
+        (["bus_server_package=/nonexistent/nats-server.deb"], "bus_server_package"),
     ],
 )
 def test_bad_variables_fail_before_any_change(
