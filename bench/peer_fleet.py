@@ -99,8 +99,12 @@ LOCATION = """\
 ANCHOR = "    location = /metrics {\n"
 
 
-def run(argv: Sequence[str], timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
+def run(
+    argv: Sequence[str], timeout: float = 300, cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run(
+        argv, capture_output=True, text=True, timeout=timeout, check=False, cwd=cwd
+    )
     if result.returncode != 0:
         raise RuntimeError(f"{' '.join(argv[:3])}...: {result.stderr.strip()[-800:]}")
     return result
@@ -121,26 +125,35 @@ def copy(host: localfleet.FleetHost, files: Sequence[Path], target: str) -> None
 def npm_tarball(out: Path) -> Path:
     """server.js with its pinned packages (``npm ci``: exactly package-lock.json), in one
     tarball for the hosts."""
-    run(["npm", "ci", "--omit=dev", "--no-audit", "--no-fund"], timeout=600)
+    run(["npm", "ci", "--omit=dev", "--no-audit", "--no-fund"], timeout=600, cwd=PEER_DIR)
     tarball = out / "peer-socketio.tar.gz"
     run(["tar", "-C", str(PEER_DIR), "-czf", str(tarball),
          "server.js", "package.json", "package-lock.json", "node_modules"])  # fmt: skip
     return tarball
 
 
-# apt-get --print-uris: 'URI' file size SHA256:hex (one line per archive to fetch).
+# apt-get --print-uris: 'URI' file size ALGO:hex (one line per archive to fetch). The
+# algorithm is the one apt names (trixie's apt names MD5Sum); the hash comes from the
+# host's own lists, which apt checked against Debian's signed Release file.
 _URI = re.compile(
-    r"^'(?P<uri>[^']+)' (?P<file>\S+) (?P<size>\d+) (?:SHA256:)?(?P<sha>[0-9a-f]{64})$"
+    r"^'(?P<uri>[^']+)' (?P<file>\S+) (?P<size>\d+) "
+    r"(?P<algo>SHA512|SHA256|SHA1|MD5Sum):(?P<hex>[0-9a-f]+)$"
 )
+_ALGORITHMS = {"SHA512": "sha512", "SHA256": "sha256", "SHA1": "sha1", "MD5Sum": "md5"}
 
 
-def parse_print_uris(text: str) -> list[tuple[str, str, str]]:
-    """(uri, file name, sha256) of each archive ``apt-get --print-uris install`` lists."""
+def parse_print_uris(text: str) -> list[tuple[str, str, str, str]]:
+    """(uri, file name, hashlib algorithm, hex digest) of each archive ``apt-get
+    --print-uris install`` lists."""
     return [
-        (m["uri"], m["file"], m["sha"])
+        (m["uri"], m["file"], _ALGORITHMS[m["algo"]], m["hex"])
         for line in text.splitlines()
         if (m := _URI.match(line.strip()))
     ]
+
+
+def _digest(path: Path, algorithm: str) -> str:
+    return hashlib.new(algorithm, path.read_bytes()).hexdigest()
 
 
 def debian_packages(host: localfleet.FleetHost, packages: Sequence[str], cache: Path) -> None:
@@ -150,13 +163,13 @@ def debian_packages(host: localfleet.FleetHost, packages: Sequence[str], cache: 
     archives = parse_print_uris(listed)
     cache.mkdir(parents=True, exist_ok=True)
     files = []
-    for uri, name, sha in archives:
+    for uri, name, algorithm, digest in archives:
         path = cache / name
-        if not path.exists() or hashlib.sha256(path.read_bytes()).hexdigest() != sha:
+        if not path.exists() or _digest(path, algorithm) != digest:
             run(["curl", "-fsS", "--max-time", str(DOWNLOAD_TIMEOUT), "--retry", "2",
                  "-o", str(path), uri])  # fmt: skip
-        if hashlib.sha256(path.read_bytes()).hexdigest() != sha:
-            raise RuntimeError(f"{name}: its SHA256 is not the one {host.name}'s lists name")
+        if _digest(path, algorithm) != digest:
+            raise RuntimeError(f"{name}: its {algorithm} is not the one {host.name}'s lists name")
         files.append(path)
     if files:
         copy(host, files, "/var/cache/apt/archives/")

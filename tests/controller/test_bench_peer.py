@@ -105,14 +105,19 @@ def test_saturation_point() -> None:
 
 
 def test_parse_print_uris() -> None:
-    """apt-get --print-uris lines: the archives a host lacks, with their SHA256."""
-    sha = "a" * 64
+    """apt-get --print-uris lines: the archives a host lacks, with the hash apt names
+    (SHA256 on bookworm, MD5Sum on trixie)."""
+    sha, md5 = "a" * 64, "b" * 32
     text = (
         f"'http://deb.example/pool/main/n/nodejs/nodejs_18.19.0_amd64.deb' "
         f"nodejs_18.19.0_amd64.deb 123 SHA256:{sha}\n"
         "Reading package lists...\n"
+        f"'http://deb.example/pool/main/r/redis/redis-server_8.0.2-3%2bdeb13u3_amd64.deb' "
+        f"redis-server_5%3a8.0.2-3+deb13u3_amd64.deb 67364 MD5Sum:{md5}\n"
     )
     assert parse_print_uris(text) == [
         ("http://deb.example/pool/main/n/nodejs/nodejs_18.19.0_amd64.deb",
-         "nodejs_18.19.0_amd64.deb", sha),
+         "nodejs_18.19.0_amd64.deb", "sha256", sha),
+        ("http://deb.example/pool/main/r/redis/redis-server_8.0.2-3%2bdeb13u3_amd64.deb",
+         "redis-server_5%3a8.0.2-3+deb13u3_amd64.deb", "md5", md5),
     ]  # fmt: skip
