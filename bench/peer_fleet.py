@@ -134,19 +134,20 @@ def npm_tarball(out: Path) -> Path:
 
 # apt-get --print-uris: 'URI' file size ALGO:hex (one line per archive to fetch). The
 # algorithm is the one apt names (trixie's apt names MD5Sum); the hash comes from the
-# host's own lists, which apt checked against Debian's signed Release file.
+# host's own lists, which apt checked against Debian's signed Release file. Some lines
+# name none (bookworm's security archive): apt itself checks every archive it installs.
 _URI = re.compile(
-    r"^'(?P<uri>[^']+)' (?P<file>\S+) (?P<size>\d+) "
-    r"(?P<algo>SHA512|SHA256|SHA1|MD5Sum):(?P<hex>[0-9a-f]+)$"
+    r"^'(?P<uri>[^']+)' (?P<file>\S+) (?P<size>\d+)"
+    r"(?: (?P<algo>SHA512|SHA256|SHA1|MD5Sum):(?P<hex>[0-9a-f]+))?$"
 )
 _ALGORITHMS = {"SHA512": "sha512", "SHA256": "sha256", "SHA1": "sha1", "MD5Sum": "md5"}
 
 
 def parse_print_uris(text: str) -> list[tuple[str, str, str, str]]:
     """(uri, file name, hashlib algorithm, hex digest) of each archive ``apt-get
-    --print-uris install`` lists."""
+    --print-uris install`` lists; algorithm and digest empty where it names no hash."""
     return [
-        (m["uri"], m["file"], _ALGORITHMS[m["algo"]], m["hex"])
+        (m["uri"], m["file"], _ALGORITHMS.get(m["algo"] or "", ""), m["hex"] or "")
         for line in text.splitlines()
         if (m := _URI.match(line.strip()))
     ]
@@ -165,10 +166,10 @@ def debian_packages(host: localfleet.FleetHost, packages: Sequence[str], cache: 
     files = []
     for uri, name, algorithm, digest in archives:
         path = cache / name
-        if not path.exists() or _digest(path, algorithm) != digest:
+        if not path.exists() or not algorithm or _digest(path, algorithm) != digest:
             run(["curl", "-fsS", "--max-time", str(DOWNLOAD_TIMEOUT), "--retry", "2",
                  "-o", str(path), uri])  # fmt: skip
-        if _digest(path, algorithm) != digest:
+        if algorithm and _digest(path, algorithm) != digest:
             raise RuntimeError(f"{name}: its {algorithm} is not the one {host.name}'s lists name")
         files.append(path)
     if files:

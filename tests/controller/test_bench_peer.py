@@ -106,7 +106,7 @@ def test_saturation_point() -> None:
 
 def test_parse_print_uris() -> None:
     """apt-get --print-uris lines: the archives a host lacks, with the hash apt names
-    (SHA256 on bookworm, MD5Sum on trixie)."""
+    (SHA256 or none on bookworm, MD5Sum on trixie)."""
     sha, md5 = "a" * 64, "b" * 32
     text = (
         f"'http://deb.example/pool/main/n/nodejs/nodejs_18.19.0_amd64.deb' "
@@ -114,10 +114,14 @@ def test_parse_print_uris() -> None:
         "Reading package lists...\n"
         f"'http://deb.example/pool/main/r/redis/redis-server_8.0.2-3%2bdeb13u3_amd64.deb' "
         f"redis-server_5%3a8.0.2-3+deb13u3_amd64.deb 67364 MD5Sum:{md5}\n"
+        "'http://deb.example/debian-security/pool/updates/main/n/nodejs/libnode108_18.deb' "
+        "libnode108_18.deb 10633176 \n"
     )
     assert parse_print_uris(text) == [
         ("http://deb.example/pool/main/n/nodejs/nodejs_18.19.0_amd64.deb",
          "nodejs_18.19.0_amd64.deb", "sha256", sha),
         ("http://deb.example/pool/main/r/redis/redis-server_8.0.2-3%2bdeb13u3_amd64.deb",
          "redis-server_5%3a8.0.2-3+deb13u3_amd64.deb", "md5", md5),
+        ("http://deb.example/debian-security/pool/updates/main/n/nodejs/libnode108_18.deb",
+         "libnode108_18.deb", "", ""),
     ]  # fmt: skip
