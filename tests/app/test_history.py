@@ -13,6 +13,7 @@ from typing import Any
 
 from websockets.asyncio.client import ClientConnection, connect
 
+from app.bus import READ_DEADLINE, STORE_DEADLINE
 from tests.app.conftest import AppProcess, NatsServer
 from tests.app.test_rooms import CHAT, TOKEN, metric
 
@@ -47,14 +48,15 @@ class Client:
 
     @classmethod
     async def join(
-        cls, app: AppProcess, room: str, since: int | None = None, last: int = 0
-    ) -> Client:
+        cls, app: AppProcess, room: str, since: int | None = None, last: int = 0,
+        timeout: float = 10,
+    ) -> Client:  # fmt: skip
         query = "events=1" + (f"&since={since}" if since is not None else "")
         query += f"&last={last}" if last else ""
         client = cls(await connect(f"{app.url}/ws/{room}?{query}"))
         # The hello comes once the server has the client in the room (after its resume):
         # what is sent from then on reaches it. A busy server may take a while to join.
-        await client.wait(lambda: client.hello is not None, "the hello event")
+        await client.wait(lambda: client.hello is not None, "the hello event", timeout)
         if since is not None or last:
             assert client.resumed is not None
         return client
@@ -211,10 +213,15 @@ def test_one_server_down_the_room_goes_on_and_nothing_stored_is_lost(
         await stranded.wait(lambda: len(stranded.received) == 2, "two messages")
         servers[0].kill()
         await publish(apps[1], "down", [f"b{n}" for n in range(10)], 0.01)
-        back = await Client.join(apps[2], "down", since=stranded.last_id)
+        # The resume reads the stream's leader. When it was on the killed server, the others
+        # elect another only after raft's election timeout (nats-server: 4 to 9 s, drawn at
+        # random), and the meta group may have to as well: the app waits for its history as
+        # long as READ_DEADLINE, and so does this member. The 10 are stored as soon as there
+        # is a leader (each store is tried again for STORE_DEADLINE).
+        back = await Client.join(apps[2], "down", since=stranded.last_id, timeout=READ_DEADLINE)
         assert back.resumed is not None
         assert back.resumed["complete"] is True
-        await back.wait(lambda: len(back.received) == 10, "the 10 sent meanwhile")
+        await back.wait(lambda: len(back.received) == 10, "the 10 sent meanwhile", STORE_DEADLINE)
         assert back.texts() == [f"b{n}" for n in range(10)]
         await asyncio.gather(back.close(), stranded.close())
 
