@@ -142,8 +142,10 @@ def ansible_playbook(
     result = subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
     _log_run(args, time.monotonic() - started, result)
     if check and result.returncode != 0:
+        # The failed task first: a log that keeps only the head of a message still shows it.
         raise AssertionError(
-            f"ansible-playbook {' '.join(args)} exited {result.returncode}:\n"
+            f"ansible-playbook {' '.join(args)} exited {result.returncode}: "
+            f"{failure_summary(result.stdout)}\n"
             f"{result.stdout[-6000:]}\n{result.stderr[-3000:]}"
         )
     return result

@@ -329,7 +329,8 @@ def test_preflight_runs_whatever_the_tags(fleet: Fleet, deployed: object, tags: 
 def test_certificate_not_matching_its_key_fails_first(
     fleet: Fleet, deployed: object, tmp_path: Path
 ) -> None:
-    """tls_cert_file with another key's tls_key_file fails before any change, naming both."""
+    """tls_cert_file with another key's tls_key_file fails before any change, naming both;
+    with its own key on a fleet of several hosts, naming the bus's route TLS variables."""
     folder = tmp_path
     for name in ("one", "two"):
         subprocess.run(
@@ -344,6 +345,15 @@ def test_certificate_not_matching_its_key_fails_first(
     )  # fmt: skip
     assert result.returncode != 0
     assert "does not match tls_key_file" in result.stdout
+    assert all(c["changed"] == 0 for c in parse_recap(result.stdout).values())
+    # A pair that matches, with the bus's route TLS left on the tls role's files: those would
+    # then hold this certificate and no CA, and the fleet's routes would never come up.
+    result = ansible_playbook(
+        "site.yml", "-e", f"tls_cert_file={folder / 'one.crt'}",
+        "-e", f"tls_key_file={folder / 'one.key'}", check=False,
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert "bus_tls_cert, bus_tls_key and bus_tls_ca" in result.stdout
     assert all(c["changed"] == 0 for c in parse_recap(result.stdout).values())
 
 

@@ -64,11 +64,35 @@ def test_example_inventory_shows_every_variable() -> None:
     assert not missing
 
 
-def test_every_play_applying_nginx_to_app_servers_follows_app_listen() -> None:
-    """deploy.yml (through vars/app_servers.yml) and rollout.yml hand nginx the instances'
-    ports and where they listen alike: a rollout must not move nginx back to loopback."""
-    shared = yaml.safe_load((REPO / "playbooks/vars/app_servers.yml").read_text())
-    rollout = yaml.safe_load((REPO / "playbooks/rollout.yml").read_text())
-    batches = next(play for play in rollout if play.get("serial"))
-    for name in ("nginx_upstream_ports", "nginx_upstream_socket_dir"):
-        assert batches["vars"][name] == shared[name], name
+def test_every_play_applying_nginx_takes_its_wiring_from_one_place() -> None:
+    """Every play that writes nginx's site (the nginx role, or the app role's handover)
+    hands it the app's instances and the tls role's certificate from playbooks/vars/ and
+    sets none of those variables itself: a rollout must not move nginx back to loopback,
+    nor a rollback serve another certificate."""
+    wiring = {
+        "vars/app_servers.yml": "app_servers",
+        "vars/tls_to_nginx.yml": "",
+    }
+    wired = {
+        name
+        for path in wiring
+        for name in yaml.safe_load((REPO / "playbooks" / path).read_text())
+        if name.startswith("nginx_")
+    }
+    plays = {
+        "deploy.yml": lambda play: True,
+        "rollout.yml": lambda play: play.get("serial") is not None,
+        "rollback.yml": lambda play: play.get("serial") is not None,
+        "loadbalancers.yml": lambda play: True,
+    }
+    for playbook, writes_nginx in plays.items():
+        for play in yaml.safe_load((REPO / "playbooks" / playbook).read_text()):
+            if not writes_nginx(play):
+                continue
+            on_app_servers = play["hosts"] == "app_servers"
+            wanted = [path for path, group in wiring.items() if on_app_servers or not group]
+            assert play.get("vars_files") == wanted, (playbook, play["name"])
+            assert not wired & set(play.get("vars") or {}), (playbook, play["name"])
+    # The handover passes nginx the ports taking over, nothing else of the wiring.
+    handover = (REPO / "roles/app/tasks/handover.yml").read_text()
+    assert set(re.findall(r"^ +(nginx_[a-z_]+):", handover, re.M)) == {"nginx_upstream_ports"}

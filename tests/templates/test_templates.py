@@ -102,13 +102,16 @@ def root_with_dropin(root: Path, unit: str, dropin: str) -> Path:
 def nginx_check(
     prefix: Path, roles: tuple[str, ...] = ("nginx",), **overrides: Any
 ) -> subprocess.CompletedProcess[str]:
+    # What the playbooks hand nginx from the tls role (its facts: the overrides' tls_*).
+    wiring = yaml.safe_load((REPO / "playbooks/vars/tls_to_nginx.yml").read_text())
     variables = role_vars(
         *roles,
         **{
+            **wiring,
             "nginx_upstream_ports": [8001, 8002],
             "nginx_trusted_proxies": [],  # no inventory groups here
-            "nginx_tls_certificate": str(prefix / "test.crt"),
-            "nginx_tls_certificate_key": str(prefix / "test.key"),
+            "tls_served_certificate": str(prefix / "test.crt"),
+            "tls_served_key": str(prefix / "test.key"),
             **overrides,
         },
     )
