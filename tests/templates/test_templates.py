@@ -440,3 +440,17 @@ def test_site_yml_passes_syntax_check() -> None:
         cwd=REPO, capture_output=True, text=True, check=False,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_every_unit_takes_its_sandbox_from_one_template() -> None:
+    """The app's unit and the nginx and nats-server drop-ins include the one sandbox (the
+    drop-ins' folders link to it) and write none of its directives themselves."""
+    shared = TEMPLATES / "etc/systemd/system/_sandbox.conf.j2"
+    for unit in ("app@.service.j2", "nginx.service.d/wsfleet.conf.j2",
+                 "nats-server.service.d/wsfleet.conf.j2"):  # fmt: skip
+        path = TEMPLATES / "etc/systemd/system" / unit
+        text = path.read_text()
+        assert "{% include '_sandbox.conf.j2' %}" in text, unit
+        own = re.search(r"^(NoNewPrivileges|ProtectSystem|SystemCallFilter)=", text, re.M)
+        assert own is None, unit
+        assert (path.parent / "_sandbox.conf.j2").resolve() == shared.resolve(), unit
