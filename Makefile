@@ -84,27 +84,12 @@ $(BIN)/.bench-installed: requirements/bench.txt $(BIN)/.installed
 	$(BIN)/$(PIP_INSTALL) -r requirements/bench.txt
 	touch $@
 
-# Figures to size a fleet with, measured through site.yml on the local fleet (the first
-# host, and every host for the fan-out; three are booted when no fleet is up):
-# bench/fleet_bench.py says what and how; then a host lost behind the balancer
-# (bench/host_lost_bench.py). Then, on loopback (no fleet), 1,000 quiet rooms
-# left behind by a bus restart (bench/rooms_bench.py), and acknowledged publishing against
-# plain broadcast (bench/acks_bench.py).
-# Then the same workloads on the kit and on the peer users would pick instead, side by
-# side on the same hosts (bench/peer_bench.py; PEER=none leaves it out): it needs node
-# and npm on this machine (the hosts get theirs from it: they have no route out).
+# Figures to size a fleet with, on the local fleet and on loopback, then the same
+# workloads against the peer users would pick instead (PEER=none leaves it out):
+# scripts/bench.sh says which benchmark measures what.
 PEER ?= socketio
-PEER_APT_PACKAGES := nodejs npm
 bench: apt-deps venv $(BIN)/.bench-installed
-	$(BIN)/python -m bench.fleet_bench
-	$(BIN)/python -m bench.host_lost_bench
-	$(BIN)/python -m bench.rooms_bench
-	$(BIN)/python -m bench.acks_bench
-ifneq ($(PEER),none)
-	@# By command, not package: a node from elsewhere (with its own npm) is kept.
-	command -v npm >/dev/null || $(MAKE) --no-print-directory apt-deps APT_PACKAGES="$(PEER_APT_PACKAGES)"
-	$(BIN)/python -m bench.peer_bench --peer $(PEER)
-endif
+	PEER=$(PEER) scripts/bench.sh
 
 fleet-up: apt-deps venv
 	$(BIN)/python -m localfleet up --hosts $(HOSTS)
@@ -118,13 +103,11 @@ status: venv
 	$(BIN)/ansible-playbook -i $(INVENTORY) playbooks/status.yml $(if $(FORMAT),-e status_format=$(FORMAT))
 
 demo: fleet-up
-	$(BIN)/ansible-playbook -i $(INVENTORY) site.yml
-	$(BIN)/python -m localfleet.demo
+	INVENTORY=$(INVENTORY) scripts/demo.sh
 
 demo-down: venv
 	$(BIN)/python -m localfleet down
 
 # The test session's second fleet too (TEST_WORKERS), if a killed run left it up.
-clean: demo-down
-	WSFLEET_FLEET=1 $(BIN)/python -m localfleet down
-	rm -rf $(VENV) .venv-sslyze .fleet build dist
+clean: venv
+	scripts/clean.sh
