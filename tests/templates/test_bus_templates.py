@@ -28,7 +28,7 @@ def bus_vars(
         ansible_host=hosts[host],
         groups={"app_servers": list(hosts)},
         __bus_address=hosts[host],
-        app_max_size=1048576,  # the app role's, in the same play
+        bus_max_message_size=1048576,  # the app role's app_max_size, as the playbooks set it
         # vars/main.yml's rule needs Ansible's hostvars: the fleet tests run it.
         __bus_peer_addresses=list(peers.values()),
         # Test values, not secrets; the password has characters a URL must escape.
@@ -75,7 +75,7 @@ def test_nats_accepts_the_cluster_config(tmp_path: Path) -> None:
     assert 'token: "client-secret"' in clients
     assert "127.0.0.1:4222" not in config
     assert 'http: "127.0.0.1:8222"' in config
-    assert "max_payload: 1114112\n" in config  # app_max_size and room for subject and headers
+    assert "max_payload: 1114112\n" in config  # the largest message, and headers
     routes = re.findall(r'"nats-route://route:([^@]+)@([^"]+)"', config)
     # The password is URL-encoded in the route URLs; the host's own address is not a route.
     assert routes == [

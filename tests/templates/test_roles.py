@@ -96,3 +96,29 @@ def test_every_play_applying_nginx_takes_its_wiring_from_one_place() -> None:
     # The handover passes nginx the ports taking over, nothing else of the wiring.
     handover = (REPO / "roles/app/tasks/handover.yml").read_text()
     assert set(re.findall(r"^ +(nginx_[a-z_]+):", handover, re.M)) == {"nginx_upstream_ports"}
+
+
+def test_no_two_roles_defaults_read_each_other() -> None:
+    """A role's defaults may read another role's public variables (app reads what bus
+    sets), never in a circle: a role read alone must not need the one that reads it. The
+    playbooks wire the rest (playbooks/vars/)."""
+    roles = [path.name for path in (REPO / "roles").iterdir() if (path / "defaults").is_dir()]
+    groups = {"app_servers", "load_balancers"}
+    reads: dict[str, set[str]] = {}
+    for role in roles:
+        # The names in the values (comments are not read: safe_load drops them).
+        named = set(re.findall(r"\b[a-z][a-z0-9_]+\b", yaml.safe_dump(defaults(role)))) - groups
+        reads[role] = {other for other in roles if other != role
+                       and any(name.startswith(f"{other}_") for name in named)}  # fmt: skip
+    for role, others in reads.items():
+        for other in others:
+            assert role not in reads[other], f"{role} and {other} read each other's defaults"
+    # The graph has no longer circle either: each role reachable from itself is one.
+    for role in roles:
+        seen, todo = set(), list(reads[role])
+        while todo:
+            other = todo.pop()
+            assert other != role, f"{role}'s defaults read themselves through {reads}"
+            if other not in seen:
+                seen.add(other)
+                todo.extend(reads[other])
