@@ -122,3 +122,13 @@ def test_no_two_roles_defaults_read_each_other() -> None:
             if other not in seen:
                 seen.add(other)
                 todo.extend(reads[other])
+
+
+def test_no_jinja_statement_in_variables() -> None:
+    """Variables are expressions: a loop or a mutation belongs in a filter of plugins/filter/
+    or in a template, not in a variable's value."""
+    files = [*REPO.glob("roles/*/vars/*.yml"), *REPO.glob("roles/*/defaults/*.yml"),
+             *REPO.glob("playbooks/vars/*.yml")]  # fmt: skip
+    assert files
+    statements = [str(path.relative_to(REPO)) for path in files if "{%" in path.read_text()]
+    assert not statements
