@@ -15,6 +15,7 @@ import jinja2
 import pytest
 import yaml
 from ansible.plugins.filter.core import FilterModule
+from ansible.plugins.filter.mathstuff import FilterModule as MathFilters
 from ansible.plugins.test.core import TestModule as AnsibleTests
 
 from app.config import parse_settings
@@ -64,6 +65,7 @@ def render(template: str, variables: dict[str, Any]) -> str:
         trim_blocks=True,
     )  # fmt: skip
     env.filters.update(FilterModule().filters())
+    env.filters.update(MathFilters().filters())  # zip, unique, ...
     # Ansible's default filter knows its own undefined values only; jinja2's knows these.
     env.filters["default"] = env.filters["d"] = jinja2.filters.do_default
     env.tests.update(AnsibleTests().tests())
