@@ -319,8 +319,11 @@ def unwrapped(output: str) -> str:
 
 
 def preflight_with(cert: Path, key: Path) -> subprocess.CompletedProcess[str]:
-    """site.yml's checks alone, with the operator's certificate ``cert``."""
-    own = ["-e", f"tls_cert_file={cert}", "-e", f"tls_key_file={key}"]
+    """site.yml's checks alone, with the operator's certificate ``cert`` (and the bus's
+    route certificates elsewhere, as an operator's inventory then has them)."""
+    own = ["-e", f"tls_cert_file={cert}", "-e", f"tls_key_file={key}",
+           "-e", "bus_tls_cert=/etc/ssl/wsfleet-routes/server.crt",
+           "-e", "bus_tls_key=/etc/ssl/wsfleet-routes/server.key"]  # fmt: skip
     return ansible_playbook("site.yml", "--tags", "preflight", *own)
 
 
