@@ -565,6 +565,10 @@ def fleet_stacks(out: Path, settings: list[str]) -> Iterator[tuple[Target, Targe
                 *(arg for value in chat for arg in ("-e", value)),
                 "-e", f"app_instances={cores}", "-e", f"app_version=bench-peer-{stamp}",
             )  # fmt: skip
+            # Each host's handover wrote the kit's site anew, without the peer's location:
+            # put it back, or the peer's clients would find nothing at /socket.io/.
+            for host in hosts:
+                peer_fleet.patch_site(host, ports[host.name])
 
         def peer_restart() -> None:
             for host in hosts:

@@ -65,6 +65,9 @@ class Member:
     last_id: int | None = None
     session: sio.Session = field(default_factory=sio.Session)
     room_size: int = 0  # the kit's presence: members of the room in the fleet
+    # The kit's: what its resume sent before the hello (the messages it missed), for
+    # messages() to give first, as the peer's connection holds its recovered events.
+    held: list[str] = field(default_factory=list)
 
     async def send(self, text: str) -> None:
         if self.conn is not None:
@@ -80,6 +83,8 @@ class Member:
                     yield args[0]
             return
         assert self.ws is not None
+        while self.held:
+            yield self.held.pop(0)
         try:
             async for frame in self.ws:
                 if isinstance(frame, str):
@@ -142,15 +147,20 @@ async def open_member(
         member.ws = await connect(
             url, ssl=context, compression=None, ping_interval=None, open_timeout=open_timeout
         )
+        # A resume's messages come before the hello (the member is in the room once it has
+        # what it missed): held for messages(), not dropped.
+        member.held = []
         while True:
-            frame = await member.ws.recv()
-            if isinstance(frame, bytes):
-                event = json.loads(frame)
-                if event["type"] == "hello":
-                    member.instance = event["instance"]
-                    return member
-                if event["type"] == "message":
-                    member.last_id = event["id"]
+            data = await member.ws.recv()
+            if isinstance(data, str):
+                member.held.append(data)
+                continue
+            event = json.loads(data)
+            if event["type"] == "hello":
+                member.instance = event["instance"]
+                return member
+            if event["type"] == "message":
+                member.last_id = event["id"]
 
 
 async def open_counted(
