@@ -189,25 +189,31 @@ def test_check_diff_shows_a_change_and_changes_nothing(fleet: Fleet, deployed: o
 
 
 def test_check_diff_of_a_new_release_changes_nothing(fleet: Fleet, deployed: object) -> None:
-    """A new app_version under --check --diff shows its environment file; no host changes."""
+    """A new app_version under --check --diff shows its environment file; the host changes
+    nothing (the run is limited to it: the other hosts' steps are the same roles')."""
+    host = fleet.app_servers[0]
     state = (
         "ls /opt/wsapp/releases; readlink /opt/wsapp/current;"
         " systemctl show -p MainPID 'wsapp@*.service'"
     )
-    before = {host.name: on_host(host, state) for host in fleet.app_servers}
-    result = ansible_playbook("site.yml", "--check", "--diff", "-e", "app_version=9.9.9-check")
+    before = on_host(host, state)
+    result = ansible_playbook(
+        "site.yml", "--limit", host.name, "--check", "--diff", "-e", "app_version=9.9.9-check"
+    )
     assert "+APP_VERSION=9.9.9-check" in result.stdout
-    assert {host.name: on_host(host, state) for host in fleet.app_servers} == before
+    assert on_host(host, state) == before
 
 
 def test_check_mode_of_a_first_install_changes_nothing(
     fleet: Fleet, deployed: object, tmp_path: Path
 ) -> None:
-    """--check for an app never installed, with a CA not yet made, succeeds and creates nothing."""
+    """--check for an app never installed, with a CA not yet made, succeeds and creates
+    nothing (the run limited to the first host, the other hosts looked at all the same)."""
     ca_dir = tmp_path / "ca"
     result = ansible_playbook(
-        "site.yml", "--check", "--diff", "-e", "app_name=wsfirst", "-e", f"tls_ca_dir={ca_dir}"
-    )
+        "site.yml", "--limit", fleet.app_servers[0].name, "--check", "--diff",
+        "-e", "app_name=wsfirst", "-e", f"tls_ca_dir={ca_dir}",
+    )  # fmt: skip
     assert "+APP_HANDLER=" in result.stdout
     assert not ca_dir.exists()
     for host in fleet.app_servers:
@@ -220,18 +226,18 @@ def test_check_mode_of_a_first_install_changes_nothing(
 
 
 def test_scaling_instances_up_and_back_down(fleet: Fleet, deployed: object) -> None:
-    """app_instances 2 → 4 → 2: exactly those units run and nginx's upstream matches. At
-    4, a rollout of one host under load hands all four over: each client closed once."""
+    """app_instances 2 → 4 → 2 on a host (the runs limited to it: each host scales alone):
+    exactly those units run and nginx's upstream matches. At 4, a rollout of the host under
+    load hands all four over: each client closed once."""
     first = fleet.app_servers[0]
     for count in (2, 4, 2):
         # The fleet starts on the demo's 2: checked as it is, without a run changing nothing.
-        if any(len(active_instances(host)) != count for host in fleet.app_servers):
-            ansible_playbook("site.yml", "-e", f"app_instances={count}")
-        for host in fleet.app_servers:
-            ports = active_instances(host)
-            # On whichever set the last handover left: 8001 and up, or 8101 and up.
-            assert ports in (list(range(8001, 8001 + count)), list(range(8101, 8101 + count)))
-            assert upstream_ports(host) == ports, host.name
+        if len(active_instances(first)) != count:
+            ansible_playbook("site.yml", "--limit", first.name, "-e", f"app_instances={count}")
+        ports = active_instances(first)
+        # On whichever set the last handover left: 8001 and up, or 8101 and up.
+        assert ports in (list(range(8001, 8001 + count)), list(range(8101, 8101 + count)))
+        assert upstream_ports(first) == ports
         if count == 4:
             before = active_instances(first)
             with load_on([first.address]) as load:
@@ -316,8 +322,10 @@ def test_socket_activation_switches_on_and_off(fleet: Fleet, deployed: object) -
 def test_bad_variables_fail_before_any_change(
     fleet: Fleet, deployed: object, extra: list[str], named: str
 ) -> None:
-    """A bad variable stops the play at its start, naming the variable; no host changes."""
-    options = [arg for value in extra for arg in ("-e", value)]
+    """A bad variable stops the play at its start, naming the variable; no host changes.
+    (The run is limited to the first host: each host's preflight is the same.)"""
+    options = ["--limit", fleet.app_servers[0].name]
+    options += [arg for value in extra for arg in ("-e", value)]
     result = ansible_playbook("site.yml", *options, check=False)
     assert result.returncode != 0
     assert named in result.stdout
@@ -327,11 +335,13 @@ def test_bad_variables_fail_before_any_change(
 
 @pytest.mark.parametrize("tags", ["preflight", "configure", "service"])
 def test_preflight_runs_whatever_the_tags(fleet: Fleet, deployed: object, tags: str) -> None:
-    """--tags of one phase still checks every variable first (and that phase runs clean)."""
-    bad = ansible_playbook("site.yml", "--tags", tags, "-e", "app_instances=0", check=False)
+    """--tags of one phase still checks every variable first (and that phase runs clean,
+    on the first host: the runs are limited to it)."""
+    first = ("--limit", fleet.app_servers[0].name)
+    bad = ansible_playbook("site.yml", *first, "--tags", tags, "-e", "app_instances=0", check=False)
     assert bad.returncode != 0
     assert "app_instances must be at least 1" in bad.stdout
-    recap = parse_recap(ansible_playbook("site.yml", "--tags", tags).stdout)
+    recap = parse_recap(ansible_playbook("site.yml", *first, "--tags", tags).stdout)
     assert all(counts["changed"] == 0 for counts in recap.values()), recap
 
 
