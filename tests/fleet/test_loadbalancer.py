@@ -4,6 +4,13 @@ The balancer joins the session's fleet for this module and leaves it at its end;
 servers are then deployed again without it, by the next module that wants the defaults,
 or at the session's end when the fleet is kept up (tests/fleet/restore.py). Its last test
 gives the balancer a certificate from an ACME CA (Pebble, tests/fleet/pebble.py).
+
+The app servers run as test_unix.py, before it in ORDER, leaves them: their instances on
+unix sockets that systemd holds (its LEFT). The balancer reaches each host's nginx on 443
+whatever the instances listen on, so its module's rollout is also the rollout on unix
+sockets, under load straight to the hosts as well as through the balancer; and the
+balancer's run hands no instance over (a module before that left TCP: this run converges
+the fleet to unix sockets).
 """
 
 from __future__ import annotations
@@ -32,15 +39,18 @@ from tests.fleet.restore import RESTORE
 from tests.fleet.test_acme import round_trip
 from tests.fleet.test_bus import spans_the_fleet
 from tests.fleet.test_release_under_load import versions
+from tests.fleet.test_unix import LEFT, check_reached_over_unix
 from tests.fleet.tls import served
 
 # Old nginx workers live this long after a reload (nginx_worker_shutdown_timeout, 300 s by
 # default): the rollout behind the balancer lasts longer, so that an old worker of the
 # balancer's, if a rollout reloaded it, would end its clients without a close frame.
 SHUTDOWN_TIMEOUT = 15
+# Every run of the module: the app servers as test_unix.py leaves them, the bound above.
+SETTINGS = (*LEFT, "-e", f"nginx_worker_shutdown_timeout={SHUTDOWN_TIMEOUT}")
 HOLD = "/run/wsfleet-balancer-hold"
-# The balancer's site.yml run deploys whatever settings the module before left back to the
-# defaults too (tests/fleet/restore.py).
+# The balancer's site.yml run deploys the module's SETTINGS over whatever the module
+# before left (tests/fleet/restore.py).
 NEEDS_DEFAULTS = False
 # The whole /healthz of a host's bus server: up, and every stream it holds current.
 BUS_CURRENT = "curl -s -o /dev/null -w '%{http_code}' http://127.0.0.1:8222/healthz"
@@ -51,7 +61,7 @@ def balancer(fleet: localfleet.Fleet, deployed: object) -> Iterator[localfleet.F
     """fleetlb booted and site.yml run with it in the inventory; afterwards gone again."""
     with_lb = localfleet.up(hosts=len(fleet.app_servers), lb=True)
     try:
-        ansible_playbook("site.yml", "-e", f"nginx_worker_shutdown_timeout={SHUTDOWN_TIMEOUT}")
+        ansible_playbook("site.yml", *SETTINGS)
         yield with_lb.load_balancers[0]
     finally:
         localfleet.up(hosts=len(fleet.app_servers), lb=False)
@@ -158,20 +168,27 @@ def test_a_rollout_behind_the_balancer_fails_nothing(
     when nginx_worker_shutdown_timeout runs out, however long the rollout; clients of the
     balancer see no failed handshake, no lost reply, only 1001/1012. Each is closed once:
     the hosts whose turn has not come hold the balancer's handshakes off (503, tried on
-    another host), so a closed client comes back to a host already done."""
+    another host), so a closed client comes back to a host already done. The instances
+    listen on unix sockets that systemd holds: clients straight to each host's nginx see
+    the same (0 failed handshakes, only 1001/1012, each closed once), and the new
+    instances are reached over their sockets as before."""
     before = serving_workers(balancer)
-    with load_on([balancer.address]) as load:
+    balanced, direct = [balancer.address], [h.address for h in fleet.app_servers]
+    with load_on(balanced) as load, load_on(direct) as straight:
         started = time.monotonic()
         result = ansible_playbook(
-            "playbooks/rollout.yml", *ONE_THEN_THE_REST, "-e", "app_version=5.0.0-lb",
-            "-e", f"nginx_worker_shutdown_timeout={SHUTDOWN_TIMEOUT}",
-        )  # fmt: skip
+            "playbooks/rollout.yml", *ONE_THEN_THE_REST, *SETTINGS, "-e", "app_version=5.0.0-lb"
+        )
         lasted = time.monotonic() - started
     print(f"\nrollout behind the balancer ({lasted:.0f} s): {summary(load)}")
+    print(f"rollout on unix sockets, straight to the hosts: {summary(straight)}")
     assert lasted > SHUTDOWN_TIMEOUT
-    assert_no_failures(load)
-    assert load.closes, "no instance was handed over"
-    assert_each_closed_at_most_once(load)
+    for each in (load, straight):
+        assert_no_failures(each)
+        assert each.closes, "no instance was handed over"
+        assert_each_closed_at_most_once(each)
+    for host in fleet.app_servers:
+        check_reached_over_unix(host, socket_mode="660")
     assert before
     assert serving_workers(balancer) == before, "the balancer's nginx was reloaded"
     for host in fleet.app_servers:  # every hold lifted
@@ -196,7 +213,7 @@ def test_behind_a_balancer_the_acme_certificate_is_the_balancers(
         root = tmp_path / "root.pem"
         root.write_text(ca.root())
         ansible_playbook(
-            "site.yml", "--tags", "configure",
+            "site.yml", "--tags", "configure", *SETTINGS,
             "-e", f"tls_acme_directory={ca.directory}", "-e", f"tls_acme_directory_ca={ca.tls_ca}",
             "-e", f"tls_acme_dir={tmp_path / 'controller'}",
             "-e", json.dumps({"tls_acme_names": [name]}),

@@ -1,10 +1,11 @@
 """app_listen unix on the live fleet: nginx reaches the instances over unix sockets.
 
 The module switches the session's fleet from TCP to unix sockets (bound by the instances,
-then held by systemd) and rolls a release out under load. The defaults are deployed again
-after it, so later modules see the fleet as site.yml leaves it: by the next module that
-wants them (tests/fleet/restore.py), or by the switch itself when the module before left
-settings of its own.
+then held by systemd). It leaves the fleet on them: test_loadbalancer.py, next in ORDER,
+rolls a release out on them behind its balancer, with load through the balancer and
+straight to the hosts. The defaults are deployed again after that, by the next module
+that wants them (tests/fleet/restore.py); the switch here converges the fleet from
+whatever the module before left.
 """
 
 from __future__ import annotations
@@ -22,10 +23,8 @@ import localfleet
 from localfleet.ansible import ansible_playbook
 from localfleet.demo import ca_file
 from localfleet.instances import instance_get, live_ports
-from tests.fleet.load import assert_each_closed_at_most_once, assert_no_failures, load_on, summary
-from tests.fleet.releases import ONE_THEN_THE_REST
+from tests.fleet.load import assert_no_failures, load_on, summary
 from tests.fleet.restore import RESTORE
-from tests.fleet.test_release_under_load import versions
 
 # Setup (the session's fleet and deploy, this module's) and teardown ride on the tests.
 pytestmark = pytest.mark.timeout(1200)
@@ -38,6 +37,8 @@ NEEDS_DEFAULTS = False
 NAMES = (8001, 8002)
 UNIX = ("-e", "app_listen=unix")
 ACTIVATED = ("-e", "app_socket_activation=true")
+# What the module leaves the fleet on (its last switch), for test_loadbalancer.py's runs.
+LEFT = (*UNIX, *ACTIVATED)
 
 
 def on_host(host: localfleet.FleetHost, command: str) -> str:
@@ -124,29 +125,10 @@ def test_socket_activation_on_unix_sockets(on_unix: localfleet.Fleet) -> None:
     the instances serve it; the switch from self-bound sockets fails no handshake."""
     addresses = [h.address for h in on_unix.app_servers]
     with load_on(addresses) as load:
-        ansible_playbook("site.yml", *UNIX, *ACTIVATED)
+        ansible_playbook("site.yml", *LEFT)
     print(f"\nto socket activation under load: {summary(load)}")
     assert_no_failures(load)
     for host in on_unix.app_servers:
         check_reached_over_unix(host, socket_mode="660")
         for port in live_ports(host):
             assert on_host(host, f"systemctl is-active wsapp@{port}.socket").strip() == "active"
-
-
-def test_a_rollout_on_unix_sockets_fails_no_handshake(on_unix: localfleet.Fleet) -> None:
-    """rollout.yml under load with app_listen unix and socket activation (as the test
-    before left the fleet), one host then the other two: 0 failed handshakes, only 1012,
-    each client closed once."""
-    addresses = [h.address for h in on_unix.app_servers]
-    with load_on(addresses) as load:
-        ansible_playbook(
-            "playbooks/rollout.yml", *ONE_THEN_THE_REST, *UNIX, *ACTIVATED,
-            "-e", "app_version=4.0.0-unix",
-        )  # fmt: skip
-    print(f"\nrollout on unix sockets under load: {summary(load)}")
-    assert_no_failures(load)
-    assert load.closes, "no instance restarted"
-    assert_each_closed_at_most_once(load)
-    assert versions(on_unix) == {h.name: {"4.0.0-unix"} for h in on_unix.app_servers}
-    for host in on_unix.app_servers:
-        check_reached_over_unix(host, socket_mode="660")
