@@ -19,10 +19,8 @@ from app.bus import STORE_DEADLINE
 from app.rooms.delivery import SLOW
 from localfleet.ansible import ansible_playbook
 from localfleet.demo import ca_file
-from localfleet.history import assert_nothing_lost, room_traffic
 from localfleet.instances import instance_get, live_ports
 from localfleet.load import client_context
-from tests.fleet.restore import RESTORE
 from tests.fleet.rooms import Member, members_on, wait_for
 
 Fleet = localfleet.Fleet
@@ -384,45 +382,3 @@ def not_stored(fleet: Fleet) -> int:
                               metrics, re.M)  # fmt: skip
             total += int(float(found[1])) if found else 0
     return total
-
-
-def test_bus_servers_restarted_in_turn_under_room_traffic_refuse_and_lose_nothing(
-    fleet: Fleet, deployed: object
-) -> None:
-    """A change to every server's configuration, as a new route certificate makes: the bus
-    role restarts the servers one host at a time, each in lame duck mode first, its
-    instances moving to another host's server, under a room's traffic on every host:
-    0 broadcasts refused, 0 messages missed, each server's streams current again before
-    the next is touched."""
-    started = {h.name: on_host(h, "systemctl show -p ExecMainStartTimestampMonotonic --value "
-                                  "nats-server").strip() for h in fleet.app_servers}  # fmt: skip
-    refused = not_stored(fleet)
-    began = time.monotonic()
-    try:
-        with room_traffic([h.address for h in fleet.app_servers], "bus-restarts") as traffic:
-            time.sleep(2)  # traffic before the first turn, for the figures
-            # Any change to the servers' config restarts them as a new certificate would
-            # (tasks/main.yml: config, TLS files or unit changed).
-            run = ansible_playbook(
-                "site.yml", "--tags", "configure", "-e", "bus_max_payload=1114113"
-            )
-            time.sleep(2)  # traffic after the last turn too, for the figures
-    finally:
-        RESTORE.leave("--tags", "configure")
-    took = time.monotonic() - began
-    figures = assert_nothing_lost(traffic)
-    assert not_stored(fleet) - refused == 0, "broadcasts refused while the servers restarted"
-    # Each host's turn, in order: lame duck, restart, then its streams current, before the
-    # next host's lame duck.
-    turns = re.findall(r"TASK \[bus : (Put nats-server in lame duck mode|Restart nats-server|"
-                       r"Wait until the restarted server's streams are current)[^\]]* on (\S+)\]",
-                       run.stdout)  # fmt: skip
-    expected = [(step, h.name) for h in fleet.app_servers for step in (
-        "Put nats-server in lame duck mode", "Restart nats-server",
-        "Wait until the restarted server's streams are current")]  # fmt: skip
-    assert turns == expected, turns
-    for host in fleet.app_servers:
-        now = on_host(host, "systemctl show -p ExecMainStartTimestampMonotonic --value nats-server")
-        assert now.strip() != started[host.name], f"{host.name}'s server did not restart"
-        on_host(host, SERVER_CURRENT)
-    print(f"\nbus servers restarted in turn under room traffic: {took:.0f} s, {figures}")

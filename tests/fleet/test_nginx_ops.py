@@ -1,7 +1,8 @@
 """nginx's own operation on the local fleet: it starts again after its master is killed,
 old workers live no longer than worker_shutdown_timeout after reloads under 500 open
 WebSockets, Prometheus's targets answer, and a certificate renewal under load fails no
-handshake. The play's certificate-expiry checks close the file.
+handshake and restarts the bus servers in turn (new route certificates), losing no room
+message. The play's certificate-expiry checks close the file.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from localfleet.load import Tally, client_context, in_background, open_counted
 from localfleet.settings import GATEWAY
 from tests.fleet.load import assert_no_failures, load_on, summary
 from tests.fleet.restore import RESTORE
+from tests.fleet.test_bus import SERVER_CURRENT, not_stored
 from tests.fleet.tls import served
 
 Fleet = localfleet.Fleet
@@ -255,24 +257,38 @@ def bus_started(fleet: Fleet) -> dict[str, float]:
 def test_certificate_renewal_under_load_fails_no_handshake(fleet: Fleet, ops: Path) -> None:
     """Certificates within the renewal window are issued anew and nginx reloads under load:
     0 failed handshakes, only 1001/1012 closes, 0 lost replies; the hosts serve the new ones.
-    The bus servers, whose route certificates changed, restart one host at a time: a room
-    with members on every host gets every message once, stored with its id, throughout."""
+    The bus servers, whose route certificates changed, restart one host at a time, each in
+    lame duck mode first, its instances moving to another host's server, and each server's
+    streams current again before the next is touched: a room with members on every host
+    gets every message once, stored with its id, throughout, and no broadcast is refused."""
     addresses = [h.address for h in fleet.app_servers]
     before = {a: served_certificate(a).serial_number for a in addresses}
     started = bus_started(fleet)
+    refused = not_stored(fleet)
     try:
         # 365-day certificates are all within a 400-day window: each host gets a 500-day one.
         with load_on(addresses) as load, room_traffic(addresses, "renewal") as traffic:
-            ansible_playbook(
+            run = ansible_playbook(
                 "site.yml", "-e", "tls_expiry_warn_days=400", "-e", "tls_cert_valid_days=500"
             )
         assert_no_failures(load)
-        assert_nothing_lost(traffic)
+        figures = assert_nothing_lost(traffic)
+        assert not_stored(fleet) - refused == 0, "broadcasts refused while the servers restarted"
         restarts = sorted(bus_started(fleet).values())
         assert not set(restarts) & set(started.values()), "a bus server did not restart"
-        # Each waited until the one before was back with its streams current.
+        # Each host's turn, in order: lame duck, restart, then its streams current, before
+        # the next host's lame duck.
+        steps = (
+            "Put nats-server in lame duck mode", "Restart nats-server",
+            "Wait until the restarted server's streams are current",
+        )  # fmt: skip
+        turns = re.findall(rf"TASK \[bus : ({'|'.join(steps)})[^\]]* on (\S+)\]", run.stdout)
+        assert turns == [(step, h.name) for h in fleet.app_servers for step in steps], turns
         gaps = [b - a for a, b in itertools.pairwise(restarts)]
         assert min(gaps) > 0.5, gaps
+        for host in fleet.app_servers:
+            assert host.ssh(SERVER_CURRENT).returncode == 0, f"{host.name}'s server not current"
+        print(f"\nbus servers restarted in turn under room traffic: {figures}")
         after = {a: served_certificate(a) for a in addresses}
         for address, cert in after.items():
             assert cert.serial_number != before[address], address
