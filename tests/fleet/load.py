@@ -37,6 +37,7 @@ __all__ = ["Load", "assert_each_closed_at_most_once", "assert_no_failures", "loa
 LONG_LIVED_PER_HOST = 30
 NEW_PER_SECOND = 10
 RECONNECT_CODES = {1001, 1012}
+_LOADS = itertools.count()  # tells apart the rooms of loads running at once
 
 
 @dataclass
@@ -108,9 +109,11 @@ async def new_connections(
     context: ssl.SSLContext | None,
     load: Load,
     stop: asyncio.Event,
+    tag: str = "",
     **options: Any,
 ) -> None:
-    """Open a fresh connection NEW_PER_SECOND times a second, round robin over the hosts."""
+    """Open a fresh connection NEW_PER_SECOND times a second, round robin over the hosts
+    (paths /ws/new<tag>-<number>)."""
 
     async def one(address: str, number: int) -> None:
         # A connection opened just as its instance began to drain is closed with 1012
@@ -118,7 +121,7 @@ async def new_connections(
         # So does one whose instance was killed (1006, which assert_no_failures allows
         # only for the clients of an instance killed on purpose).
         for attempt in range(2):
-            ws = await open_counted(f"wss://{address}/ws/new-{number}", context,
+            ws = await open_counted(f"wss://{address}/ws/new{tag}-{number}", context,
                                     load.handshakes, f"new {address}", open_timeout=10,
                                     **options)  # fmt: skip
             if ws is None:
@@ -159,15 +162,23 @@ def load_on(
     them against ``ca`` (the private CA's by default) for ``server_name`` (their address)."""
     load = Load()
     options = {"server_hostname": server_name} if server_name else {}
+    # Each path is a chat room of its own (the demo's handler): two loads at once (through
+    # a balancer and straight to the hosts) must not share one, or each client would get
+    # the other's messages as replies.
+    tag = f"{next(_LOADS)}"
 
     async def scenario(stopping: asyncio.Event, ready: threading.Event) -> None:
         context = client_context(ca or ca_file())
         clients = [
-            asyncio.create_task(long_lived(address, f"{i}-{n}", context, load, stopping, **options))
+            asyncio.create_task(
+                long_lived(address, f"{tag}-{i}-{n}", context, load, stopping, **options)
+            )
             for i, address in enumerate(addresses)
             for n in range(LONG_LIVED_PER_HOST)
         ]
-        opener = asyncio.create_task(new_connections(addresses, context, load, stopping, **options))
+        opener = asyncio.create_task(
+            new_connections(addresses, context, load, stopping, tag, **options)
+        )
         while load.handshakes.done < len(clients):  # noqa: ASYNC110 - a count, not an event
             await asyncio.sleep(0.1)
         ready.set()
