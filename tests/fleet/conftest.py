@@ -45,7 +45,6 @@ ORDER = (
     "test_operations.py",  # ~3
     "test_security.py",  # ~2
     "test_acme.py",  # ~1.5
-    "test_release_under_load.py",  # ~1.5
     "test_bus.py",  # ~1
     "test_browser.py",  # ~1
     "test_nginx_ops.py",  # ~3, its restore left to test_unix.py

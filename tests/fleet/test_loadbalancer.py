@@ -34,11 +34,10 @@ from localfleet.history import Member, assert_nothing_lost, room_traffic
 from localfleet.instances import instance_get, live_ports
 from tests.fleet import pebble
 from tests.fleet.load import assert_each_closed_at_most_once, assert_no_failures, load_on, summary
-from tests.fleet.releases import ONE_THEN_THE_REST
+from tests.fleet.releases import ONE_THEN_THE_REST, versions
 from tests.fleet.restore import RESTORE
 from tests.fleet.test_acme import round_trip
 from tests.fleet.test_bus import spans_the_fleet
-from tests.fleet.test_release_under_load import versions
 from tests.fleet.test_unix import LEFT, check_reached_over_unix
 from tests.fleet.tls import served
 

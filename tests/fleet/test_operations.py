@@ -1,4 +1,10 @@
-"""Operating the fleet: the deploy lock (two runs at once, a killed run) and status.yml."""
+"""Operating the fleet: the deploy lock (two runs at once, a killed run) and status.yml.
+
+The two runs at once are also the release through site.yml under load: while clients keep
+connecting, the run that wins the lock restarts each host's instances one at a time (close
+code 1012 to their clients, nginx sending new handshakes to the other instances), and no
+connection attempt fails.
+"""
 
 from __future__ import annotations
 
@@ -18,7 +24,16 @@ from websockets.asyncio.client import connect
 import localfleet
 from localfleet.ansible import ansible_playbook, kill_run, parse_recap, playbook_env
 from localfleet.demo import ca_file
+from localfleet.image import RELEASES
 from localfleet.settings import INVENTORY, REPO
+from tests.fleet.load import (
+    LONG_LIVED_PER_HOST,
+    assert_each_closed_at_most_once,
+    assert_no_failures,
+    load_on,
+    summary,
+)
+from tests.fleet.releases import versions
 from tests.fleet.test_deploy import active_instances, on_host
 from tests.fleet.test_rollout import current_release
 
@@ -83,14 +98,18 @@ def on_the_deploy(fleet: Fleet, deployed: object) -> Iterator[Deploy]:
 def test_two_runs_at_once_one_completes_the_other_stops_before_any_change(
     fleet: Fleet, on_the_deploy: Deploy, start_playbook: Callable[..., subprocess.Popen[str]]
 ) -> None:
-    """Two site.yml runs of different releases started together: one installs its release
-    everywhere, the other fails at the lock naming the first and changes nothing."""
+    """Two site.yml runs of different releases started together, under load on hosts of
+    both Debian releases: one installs its release everywhere with 0 failed handshakes,
+    only 1012, 0 lost; the other fails at the lock naming the first and changes nothing."""
+    assert {h.release for h in fleet.app_servers} == set(RELEASES)
+    addresses = [h.address for h in fleet.app_servers]
     before = releases(fleet)
-    runs = {
-        version: start_playbook("site.yml", "-e", f"app_version={version}")
-        for version in ("1.1.0-a", "1.1.0-b")
-    }
-    out = {version: run.communicate(timeout=900)[0] for version, run in runs.items()}
+    with load_on(addresses) as load:
+        runs = {
+            version: start_playbook("site.yml", "-e", f"app_version={version}")
+            for version in ("1.1.0-a", "1.1.0-b")
+        }
+        out = {version: run.communicate(timeout=900)[0] for version, run in runs.items()}
     codes = {version: run.returncode for version, run in runs.items()}
     winners = [v for v, code in codes.items() if code == 0]
     assert len(winners) == 1, {v: out[v][-3000:] for v in out}
@@ -106,6 +125,12 @@ def test_two_runs_at_once_one_completes_the_other_stops_before_any_change(
         assert current_release(host) == winner
         assert loser not in on_host(host, "ls /opt/wsapp/releases"), before
     assert locked(fleet) == {h.name: False for h in fleet.app_servers}
+    assert_no_failures(load)
+    assert load.closes, "no instance restarted: the release did not reach the hosts"
+    assert_each_closed_at_most_once(load)
+    assert load.handshakes.done > len(addresses) * LONG_LIVED_PER_HOST
+    assert versions(fleet) == {h.name: {winner} for h in fleet.app_servers}
+    print(f"\nrelease under load: {summary(load)}")
 
 
 def test_a_failed_run_leaves_no_lock(fleet: Fleet, on_the_deploy: Deploy) -> None:

@@ -22,10 +22,9 @@ from localfleet.history import assert_nothing_lost, reference_order, room_traffi
 from localfleet.image import RELEASES
 from localfleet.instances import live_ports
 from tests.fleet.load import assert_each_closed_at_most_once, assert_no_failures, load_on, summary
-from tests.fleet.releases import ONE_THEN_THE_REST
+from tests.fleet.releases import ONE_THEN_THE_REST, versions
 from tests.fleet.test_browser import chromium
 from tests.fleet.test_bus import spans_the_fleet
-from tests.fleet.test_release_under_load import versions
 
 SITE = "/etc/nginx/sites-available/wsfleet.conf"
 
