@@ -54,6 +54,12 @@ class Metrics:
             "wsapp_bytes", "Payload bytes of WebSocket messages, by direction.", ["direction"],
             registry=self.registry,
         )  # fmt: skip
+        # Each frame both ways is counted: the series of each direction looked up once
+        # here, not by labels() (a lock and a dict of label values) for every frame.
+        self._frame_series = {
+            direction: (self.messages.labels(direction), self.bytes.labels(direction))
+            for direction in ("in", "out")
+        }
         self.closes = Counter(
             "wsapp_closes", "Closed WebSocket connections, by close code.", ["code"],
             registry=self.registry,
@@ -92,9 +98,10 @@ class Metrics:
             direction: ``"in"`` or ``"out"``.
             frame: a text, binary or continuation frame, uncompressed.
         """
+        messages, payload = self._frame_series[direction]
         if frame.fin:
-            self.messages.labels(direction).inc()
-        self.bytes.labels(direction).inc(len(frame.data))
+            messages.inc()
+        payload.inc(len(frame.data))
 
     def render(self) -> bytes:
         """The registry in Prometheus text format."""
